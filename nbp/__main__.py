@@ -1,0 +1,5 @@
+import sys
+
+from nbp.cli import main
+
+sys.exit(main())

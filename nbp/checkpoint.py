@@ -1,0 +1,60 @@
+"""Self-describing checkpoints, written atomically and loaded without executing pickles.
+
+A checkpoint is a dict of tensors and plain Python data (no custom classes), so it loads with
+``torch.load(..., weights_only=True)``. Conventional keys:
+
+- ``format``: "nbp-tokenizer" | "nbp-generator" (what the weights are)
+- ``version``: format version (int)
+- ``config``: the model dataclass config as a plain dict
+- ``model``: the model state dict
+- ``step``, ``optimizer``, ``scheduler``, ``rng``, ``wandb_run_id``, ``code_version``, ``params``
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbp.errors import NbpError
+from nbp.io import atomic_path
+
+
+def code_version() -> str:
+    """The git commit of the code (with '+dirty' when the tree has changes), or the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5)
+            return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from nbp import __version__
+
+    return __version__
+
+
+def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
+    ckpt = dict(ckpt)
+    ckpt.setdefault("code_version", code_version())
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", expect: str | None = None) -> dict[str, Any]:
+    """Load one of our checkpoints with ``weights_only=True``; ``expect`` checks its ``format``."""
+    path = Path(path)
+    if not path.is_file():
+        raise NbpError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise NbpError(f"{path}: not a loadable nbp checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise NbpError(f"{path}: not an nbp checkpoint (no 'format' key)")
+    if expect is not None and ckpt["format"] != expect:
+        raise NbpError(f"{path}: is a {ckpt['format']!r} checkpoint, expected {expect!r}")
+    return ckpt

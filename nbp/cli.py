@@ -1,0 +1,180 @@
+"""The ``nbp`` command: one subcommand per DAG stage, plus utilities.
+
+A stage subcommand has the stage's name (the same name as its params section, its dvc.yaml
+stage, its Snakemake rule and its output folder ``{run.out}/{stage}/{entry}``). It takes the
+entry to run (default: every entry that ``run`` selects) and ``--params``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from nbp import __version__
+from nbp.config import DEFAULT_PARAMS, SCHEMA_PATH, Config, ConfigError, json_schema, load_config
+from nbp.errors import NbpError, NotBuiltError
+
+# stage -> (implementation "module:function", what it does, which `run` list selects its entries)
+# The function is called as fn(cfg, name) for each selected entry (name=None for global stages).
+STAGES: dict[str, tuple[str, str, str | None]] = {
+    "download": ("nbp.data.download:run_download", "fetch (or, for the embedded set, generate) a dataset", "datasets"),
+    "fetch_detector": ("nbp.metrics.detector:run_fetch_detector", "fetch and verify the I3D weights for FVD", None),
+    "prepare": ("nbp.data.prepare:run_prepare", "decode and resize clips once into a uint8 clip cache", "datasets"),
+    "real_stats": ("nbp.metrics.fvd:run_real_stats", "I3D feature statistics of real clips (FVD reference)", "datasets"),
+    "train_tokenizer": ("nbp.tokenizer.train:run_train_tokenizer", "train (or import) a video tokenizer", "tokenizers"),
+    "eval_tokenizer": ("nbp.tokenizer.evaluate:run_eval_tokenizer", "rFVD, PSNR, SSIM, codebook usage of a tokenizer", "tokenizers"),
+    "tokenize": ("nbp.generator.tokenize:run_tokenize", "encode the clip cache into token shards once", "tokenizers"),
+    "train_generator": ("nbp.generator.train:run_train_generator", "train (or import) an NBP/NTP generator", "generators"),
+    "eval_generator": ("nbp.generator.evaluate:run_eval_generator", "sample videos; gFVD, steps, frames per second", "generators"),
+    "tables": ("nbp.tables:run_tables", "gather metrics into the paper's tables in results/", None),
+}
+
+# utility -> (module with add_arguments(parser) and main(args) -> int, help)
+UTILITIES: dict[str, tuple[str, str]] = {
+    "fvd": ("nbp.metrics.fvd_cli", "FVD between two folders of videos or two feature/statistics files"),
+    "import-checkpoint": ("nbp.released", "convert a released tokenizer/generator checkpoint into ours"),
+    "sample": ("nbp.generator.sample_cli", "write videos from a generator checkpoint"),
+    "select": ("nbp.suites", "set the `run` switch of params.yaml to a named experiment suite"),
+}
+
+
+def _entries(cfg: Config, stage: str, name: str | None) -> list[str | None]:
+    selector = STAGES[stage][2]
+    if selector is None:
+        return [None]
+    section = getattr(cfg, stage)
+    if name is not None:
+        cfg.entry(stage, name)  # raises a ConfigError naming the stage and entry
+        return [name]
+    return [n for n in getattr(cfg.run, selector) if n in section]
+
+
+def _load_impl(spec: str):
+    module, func = spec.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module or module.startswith(e.name + ".")):
+            raise NotBuiltError(f"`{spec}` is not built yet") from None
+        raise
+    return getattr(mod, func)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(item, "override must be KEY=VALUE (e.g. -S train_tokenizer.embedded.steps=10)")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbp",
+        description="Next-Block Prediction video generation: the pipeline's stages and tools. "
+        "Stages run the entries that params.yaml's `run` section selects, or the one you name.",
+        epilog="DAG: download -> prepare -> train_tokenizer -> eval_tokenizer; train_tokenizer -> tokenize -> "
+        "train_generator -> eval_generator -> tables (fetch_detector, real_stats feed the FVDs). "
+        "Run everything with `dvc repro` or `snakemake -c2`.",
+    )
+    parser.add_argument("--version", action="version", version=f"nbp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for stage, (_, help_, selector) in STAGES.items():
+        p = sub.add_parser(stage, help=help_, description=f"Stage `{stage}`: {help_}. Output: {{run.out}}/{stage}/ENTRY.")
+        if selector is not None:
+            p.add_argument("name", nargs="?", help=f"entry of params `{stage}` (default: those in run.{selector})")
+        p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter for this call, e.g. -S train_tokenizer.embedded.steps=10")
+    for name, (_, help_) in UTILITIES.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_utility=name)
+    p = sub.add_parser("schema", help="print (or --write) the JSON schema of params.yaml")
+    p.add_argument("--write", action="store_true", help=f"write it to {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[2])}")
+    p = sub.add_parser("check", help="validate params.yaml and print the selected entries")
+    p.add_argument("--params", default=DEFAULT_PARAMS)
+    return parser
+
+
+def _add_utility_args(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Utility parsers are filled lazily so `nbp --help` never imports torch-heavy modules."""
+    if not argv or argv[0] not in UTILITIES:
+        return
+    module = UTILITIES[argv[0]][0]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return
+        raise
+    mod.add_arguments(sub.choices[argv[0]])
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    _add_utility_args(parser, argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "schema":
+        text = json.dumps(json_schema(), indent=2) + "\n"
+        if args.write:
+            SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+            SCHEMA_PATH.write_text(text)
+            print(f"wrote {SCHEMA_PATH}")
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.command == "check":
+        cfg = load_config(args.params)
+        print(f"{args.params}: ok")
+        for stage, (_, _, sel) in STAGES.items():
+            print(f"  {stage}: {', '.join(str(e) for e in _entries(cfg, stage, None)) if sel else '(global)'}")
+        return 0
+    if getattr(args, "_utility", None):
+        module = UTILITIES[args.command][0]
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                raise NotBuiltError(f"`nbp {args.command}` is not built yet") from None
+            raise
+        return int(mod.main(args) or 0)
+    cfg = load_config(args.params, overrides=_parse_overrides(args.set))
+    fn = _load_impl(STAGES[args.command][0])
+    for entry in _entries(cfg, args.command, getattr(args, "name", None)):
+        fn(cfg, entry)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        return run(argv)
+    except ConfigError as e:
+        print(f"nbp: error: {e}", file=sys.stderr)
+        return 2
+    except NotBuiltError as e:
+        print(f"nbp: not built yet: {e}", file=sys.stderr)
+        return 3
+    except NbpError as e:
+        print(f"nbp: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nbp: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

