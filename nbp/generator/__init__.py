@@ -1,0 +1,56 @@
+"""The NBP generator: layouts and masks (``layout``), transformer (``model``), token shards (``tokenize``,
+``data``), training (``train``). ``load_generator`` opens a trained (or imported released) generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imports stay lazy: `import nbp.generator` must not pull torch-heavy modules
+    from nbp.generator.layout import TaskLayout
+    from nbp.generator.model import GPT
+
+FORMAT = "nbp-generator"
+
+
+@dataclass
+class LoadedGenerator:
+    """A generator ready to sample: the model (eval mode), its task layout and what it was trained on."""
+
+    model: GPT
+    task: TaskLayout
+    classes: list[dict] = field(default_factory=list)  # [{"label", "name", "text"}], as in classes.json
+    tokenizer: str | None = None  # the tokenizer checkpoint its codes come from
+    info: dict[str, Any] = field(default_factory=dict)  # step, source, train params, ...
+
+
+def generator_from_checkpoint(ckpt: dict, device="cpu") -> LoadedGenerator:
+    """Build a LoadedGenerator from an ``nbp-generator`` checkpoint dict."""
+    from nbp.generator.layout import TaskLayout
+    from nbp.generator.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    info = {k: v for k, v in ckpt.items() if k not in ("model", "config", "task", "classes", "tokenizer")}
+    return LoadedGenerator(model, TaskLayout.from_dict(ckpt["task"]), list(ckpt.get("classes", [])), ckpt.get("tokenizer"), info)
+
+
+def load_generator(path: str | Path, device="cpu") -> LoadedGenerator:
+    """Open ``generator.pt`` (format ``nbp-generator``) or, through ``nbp.generator.released``, a released .ckpt."""
+    from nbp.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        try:
+            from nbp.generator.released import load_released_generator
+        except ImportError as e:
+            from nbp.errors import NotBuiltError
+
+            raise NotBuiltError(f"{path}: released checkpoints need nbp.generator.released ({e})") from None
+        return load_released_generator(path, device=device)
+    return generator_from_checkpoint(load_checkpoint(path, map_location="cpu", expect=FORMAT), device)
+
+
+__all__ = ["FORMAT", "LoadedGenerator", "generator_from_checkpoint", "load_generator"]

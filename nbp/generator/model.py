@@ -1,0 +1,204 @@
+"""The generator: a minGPT-style decoder over token ids, with module names of the released checkpoints.
+
+Released key ``transformer.X`` is our ``X``: ``tok_emb``, ``pos_emb`` [1, n_positions, C], ``blocks.L.{ln1,
+attn.{key,query,value,proj}, ln2, mlp.0, mlp.2}``, ``ln_f``, ``head`` (no bias), ``uncond_embedding``.
+
+One ``forward`` serves training and cached decoding: positions ``start .. start+L-1`` of the sequence;
+with a :class:`KVCache` the new keys/values are written into the preallocated cache at ``[start,
+start+L)`` and attention runs over ``cache[:start+L]``. ``mask`` is a dense bool ``[L, start+L]`` (True =
+may attend; SDPA) or a FlexAttention ``BlockMask`` (see :mod:`nbp.generator.layout`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - older torch: dense masks only
+    BlockMask, flex_attention = None, None
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_positions: int = 5120  # learned absolute position slots (5120 in the released models)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    cond_len: int = 0  # rows of uncond_embedding (condition positions replaced for CFG)
+    flex_attention: bool = False  # compile FlexAttention on CUDA (a BlockMask selects it per call)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+    "small": dict(n_layer=12, n_head=12, n_embd=768),
+    "base": dict(n_layer=24, n_head=16, n_embd=1536),  # 700M
+    "xl": dict(n_layer=24, n_head=32, n_embd=2048),  # 1.2B
+    "3b": dict(n_layer=32, n_head=32, n_embd=3072),
+}
+
+
+def gpt_config(preset: str, **kwargs) -> GPTConfig:
+    """A preset's sizes plus the given fields (vocab_size, n_positions, dropout, ...)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown generator preset {preset!r} (known: {', '.join(PRESETS)})")
+    return GPTConfig(**{**PRESETS[preset], **kwargs})
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once: ``k, v`` [n_layer, batch, n_head, max_len, head_dim]."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device=None, dtype=torch.float32):
+        self.k = torch.zeros(n_layer, batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    @classmethod
+    def for_model(cls, model: GPT, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        c = model.config
+        p = next(model.parameters())
+        return cls(c.n_layer, batch, c.n_head, max_len or c.n_positions, c.n_embd // c.n_head,
+                   device=device or p.device, dtype=dtype or p.dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, nh, L, hs] at [start, start+L); return the cache up to start+L."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold position {end - 1}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask):
+    """FlexAttention: compiled on CUDA (fused kernel), eager elsewhere (materializes scores; tests only)."""
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """q [B, nh, L, hs], k/v [B, nh, S, hs]; mask: bool [L, S], a BlockMask, or None (full)."""
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return _flex(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        assert C % config.n_head == 0
+        self.n_head = config.n_head
+        self.key = nn.Linear(C, C)
+        self.query = nn.Linear(C, C)
+        self.value = nn.Linear(C, C)
+        self.proj = nn.Linear(C, C)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        B, L, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q = self.query(x).view(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
+        k = self.key(x).view(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
+        v = self.value(x).view(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # [B, nh, start+L, hs]
+        y = attend(q, k, v, mask)  # [B, nh, L, hs]
+        y = y.transpose(1, 2).reshape(B, L, C)  # [B, L, C]
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        self.ln1 = nn.LayerNorm(C)
+        self.attn = SelfAttention(config)
+        self.ln2 = nn.LayerNorm(C)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C), nn.Dropout(config.dropout))
+
+    def forward(self, x, mask, cache=None, layer=0, start=0):
+        x = x + self.attn(self.ln1(x), mask, cache, layer, start)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Pre-LayerNorm transformer with learned absolute positions and an untied head without bias.
+
+    ``uncond_embedding`` [cond_len, C] is learned (a Parameter, so condition dropout trains it; the key
+    matches the released buffer): rows flagged in ``uncond`` use it instead of the token embeddings of
+    the condition positions 0..cond_len-1 (classifier-free guidance).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.n_positions, C))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.uncond_embedding = nn.Parameter(torch.zeros(config.cond_len, C))
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        nn.init.normal_(self.uncond_embedding, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.pos_emb.numel() - self.tok_emb.weight.numel()
+
+    def embed(self, idx: torch.Tensor, start: int = 0, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position embeddings of positions start..start+L-1 -> [B, L, C]."""
+        B, L = idx.shape
+        if start + L > self.config.n_positions:
+            raise ValueError(f"positions up to {start + L - 1} exceed the model's {self.config.n_positions} slots")
+        x = self.tok_emb(idx)  # [B, L, C]
+        n = min(self.config.cond_len - start, L)
+        if uncond is not None and n > 0:
+            u = self.uncond_embedding[start:start + n].to(x.dtype)[None].expand(B, n, -1)  # [B, n, C]
+            x = torch.cat([torch.where(uncond.view(B, 1, 1), u, x[:, :n]), x[:, n:]], dim=1)  # [B, L, C]
+        return x + self.pos_emb[:, start:start + L]
+
+    def forward(self, idx: torch.Tensor, mask=None, *, cache: KVCache | None = None, start: int = 0,
+                uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, L] ids at positions start..start+L-1 -> logits [B, L, V].
+
+        mask: bool [L, start+L] (True = may attend), a FlexAttention BlockMask, or None (full attention).
+        uncond: bool [B], rows that get the unconditional embedding on the condition positions.
+        """
+        x = self.drop(self.embed(idx, start, uncond))
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i, start)
+        return self.head(self.ln_f(x))
