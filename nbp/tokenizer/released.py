@@ -1,0 +1,130 @@
+"""Import of the released MAGVIT-v2 reproduction tokenizers (``magvit2_ucf.pt``, ``magvit2_k600.pt``).
+
+Released format (NBP.md section 3): a torch pickle ``{'model_state_dict': {...}}`` whose keys are
+``module.encoder_layers.N...`` / ``module.decoder_layers.N...``. Layer N of each ModuleList is one of
+
+- CausalConv3d: ``.conv.weight``, ``.conv.bias``                     -> our ``CausalConv3d.weight/bias``
+- residual unit: ``.fn.0`` GroupNorm, ``.fn.1.beta`` Swish, ``.fn.2.conv`` CausalConv3d, ``.fn.3``, ``.fn.4.beta``,
+  ``.fn.5.conv``, ``.residual_fn.0.conv`` (width change)            -> our ``ResBlock.norm1/act1/conv1/norm2/act2/conv2/skip``
+- GroupNorm ``.weight/.bias``, Swish ``.beta``, final plain Conv3d ``.weight/.bias``; DepthToSpace has none.
+
+Every parameter mapping is named below, per layer type; loading is strict: a missing, unexpected or
+mis-shaped key is an :class:`NbpError` naming the key (never ``strict=False``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from nbp.errors import NbpError
+from nbp.tokenizer.fsq import FSQ
+from nbp.tokenizer.model import PRESETS, CausalConv3d, DepthToSpace, FrameGroupNorm, ResBlock, Swish, VideoTokenizer
+
+PREFIX = "module."
+
+# (released suffix, our suffix) for each layer type
+CONV_KEYS = [("conv.weight", "weight"), ("conv.bias", "bias")]
+RES_KEYS = [
+    ("fn.0.weight", "norm1.weight"),
+    ("fn.0.bias", "norm1.bias"),
+    ("fn.1.beta", "act1.beta"),
+    ("fn.2.conv.weight", "conv1.weight"),
+    ("fn.2.conv.bias", "conv1.bias"),
+    ("fn.3.weight", "norm2.weight"),
+    ("fn.3.bias", "norm2.bias"),
+    ("fn.4.beta", "act2.beta"),
+    ("fn.5.conv.weight", "conv2.weight"),
+    ("fn.5.conv.bias", "conv2.bias"),
+]
+RES_SKIP_KEYS = [("residual_fn.0.conv.weight", "skip.weight"), ("residual_fn.0.conv.bias", "skip.bias")]
+NORM_KEYS = [("weight", "weight"), ("bias", "bias")]
+SWISH_KEYS = [("beta", "beta")]
+PLAIN_CONV_KEYS = [("weight", "weight"), ("bias", "bias")]
+
+
+def _layer_keys(layer: nn.Module) -> list[tuple[str, str]]:
+    if isinstance(layer, CausalConv3d):
+        return CONV_KEYS
+    if isinstance(layer, ResBlock):
+        return RES_KEYS + (RES_SKIP_KEYS if layer.skip is not None else [])
+    if isinstance(layer, FrameGroupNorm):
+        return NORM_KEYS
+    if isinstance(layer, Swish):
+        return SWISH_KEYS
+    if isinstance(layer, nn.Conv3d):
+        return PLAIN_CONV_KEYS
+    if isinstance(layer, DepthToSpace):
+        return []
+    raise TypeError(f"no released key mapping for {type(layer).__name__}")
+
+
+def key_mapping(model: VideoTokenizer) -> dict[str, str]:
+    """released key (with ``module.``) -> our state-dict key, for every parameter of ``model``."""
+    mapping = {}
+    for released_list, ours in (("encoder_layers", model.encoder.layers), ("decoder_layers", model.decoder.layers)):
+        ours_name = "encoder.layers" if released_list == "encoder_layers" else "decoder.layers"
+        for n, layer in enumerate(ours):
+            for r, o in _layer_keys(layer):
+                mapping[f"{PREFIX}{released_list}.{n}.{r}"] = f"{ours_name}.{n}.{o}"
+    return mapping
+
+
+def convert_state_dict(released: dict[str, torch.Tensor], model: VideoTokenizer, source: str = "released file") -> dict:
+    """Map a released ``model_state_dict`` onto ``model``'s keys, checking names and shapes strictly."""
+    mapping = key_mapping(model)
+    ours = model.state_dict()
+    for k in released:
+        if k not in mapping:
+            raise NbpError(f"{source}: unexpected key {k!r} (not part of the released base tokenizer)")
+    out = {}
+    for rk, ok in mapping.items():
+        if rk not in released:
+            raise NbpError(f"{source}: missing key {rk!r}")
+        t = released[rk]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ours[ok].shape):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise NbpError(f"{source}: key {rk!r} has shape {shape}, expected {tuple(ours[ok].shape)}")
+        out[ok] = t
+    unmapped = set(ours) - set(out)
+    if unmapped:  # a model parameter no released key fills (cannot happen for the base preset)
+        raise NbpError(f"{source}: no released key for parameter {sorted(unmapped)[0]!r}")
+    return out
+
+
+def to_released_state_dict(model: VideoTokenizer) -> dict[str, torch.Tensor]:
+    """Our weights in the released key layout (the inverse mapping; used to export and in tests)."""
+    ours = model.state_dict()
+    return {rk: ours[ok].detach().clone() for rk, ok in key_mapping(model).items()}
+
+
+def is_released_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and "model_state_dict" in obj and "format" not in obj
+
+
+def load_released(path: str | Path, device: str | torch.device = "cpu", config=None) -> VideoTokenizer:
+    """Build the ``base`` tokenizer and fill it from a released ``magvit2_*.pt`` (weights_only load, strict keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NbpError(f"{path}: released tokenizer file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable file is a user-facing error
+        raise NbpError(f"{path}: not a loadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not is_released_checkpoint(obj):
+        raise NbpError(f"{path}: not a released tokenizer (expected a dict with 'model_state_dict')")
+    return model_from_released_state(obj["model_state_dict"], device=device, config=config, source=str(path))
+
+
+def model_from_released_state(state: dict, device="cpu", config=None, source: str = "released file") -> VideoTokenizer:
+    """Keys are checked against a parameter-free (meta) model first, so a bad file fails before any allocation."""
+    cfg = config or PRESETS["base"]
+    with torch.device("meta"):
+        shell = VideoTokenizer(cfg)
+    mapped = convert_state_dict(state, shell, source)
+    mapped = {k: v.to(torch.float32).contiguous() for k, v in mapped.items()}
+    shell.load_state_dict(mapped, strict=True, assign=True)  # takes the file's tensors: no random init of 370M weights
+    shell.fsq = FSQ(cfg.levels)  # its constant (non-persistent) buffers were built on the meta device
+    return shell.to(device).eval()
