@@ -24,6 +24,19 @@ class LoadedGenerator:
     tokenizer: str | None = None  # the tokenizer checkpoint its codes come from
     info: dict[str, Any] = field(default_factory=dict)  # step, source, train params, ...
 
+    def __call__(self, ids):
+        """Model-layout ids [B, L] -> logits [B, L, vocab] under the task's mask (see nbp.generator.sampling)."""
+        from nbp.generator.sampling import layout_logits
+
+        return layout_logits(self.model, self.task, ids)
+
+    def generate(self, prefix_ids, max_new_tokens=None, **kwargs):
+        """Prefix ids [B, P] -> prefix + new ids (``greedy``, ``temperature``, ``top_k``, ``top_p``, ``cfg``,
+        ``generator``, ...: see nbp.generator.sampling.generate)."""
+        from nbp.generator.sampling import generate
+
+        return generate(self.model, self.task, prefix_ids, max_new_tokens, **kwargs)
+
 
 def generator_from_checkpoint(ckpt: dict, device="cpu") -> LoadedGenerator:
     """Build a LoadedGenerator from an ``nbp-generator`` checkpoint dict."""
