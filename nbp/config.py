@@ -439,8 +439,6 @@ def latent_grid(cfg: Config, tokenizer: str) -> tuple[int, int, int]:
 
 def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> Config:
     """Read, schema-check, build and semantically check params. Raises ConfigError."""
-    import jsonschema
-
     path = Path(path)
     source = str(path)
     try:
@@ -455,6 +453,13 @@ def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
         raise ConfigError("", "top level must be a mapping of sections", source)
     for k, v in (overrides or {}).items():
         _set_dotted(raw, k, v)
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict, source: str = DEFAULT_PARAMS) -> Config:
+    """Schema-check, build and semantically check already-parsed params (e.g. Snakemake's ``config``)."""
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(json_schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: (len(list(e.absolute_path)), list(map(str, e.absolute_path))))
     if errors:

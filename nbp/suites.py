@@ -1,0 +1,124 @@
+"""``nbp select SUITE``: point the ``run`` switch of params.yaml at a named set of experiments.
+
+Only the ``datasets``, ``tokenizers`` and ``generators`` lines of the ``run`` section are rewritten; every
+other line (comments, anchors, the other sections) stays byte for byte. DVC (``foreach: ${run.*}``) and
+Snakemake both read the same switch, so after ``nbp select k600`` both ``dvc repro`` and ``snakemake``
+run the K600 experiments. (Without editing the file: ``dvc exp run -S 'run.generators=[...]'`` or
+``snakemake --config 'run={...}'``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import yaml
+
+from nbp.config import DEFAULT_PARAMS, ConfigError, load_config
+from nbp.io import write_text
+
+KEYS = ("datasets", "tokenizers", "generators")
+
+# suite -> (what it reproduces, run lists)
+SUITES: dict[str, tuple[str, dict[str, list[str]]]] = {
+    "embedded": ("the embedded experiment: synthetic moving shapes, small tokenizer, tiny NBP and NTP (CPU, minutes)", {
+        "datasets": ["embedded"], "tokenizers": ["embedded"], "generators": ["embedded_nbp", "embedded_ntp"]}),
+    "ucf101": ("UCF-101: tokenizer (Table 7) and class-conditional NBP 700M / 1.2B / 3B (Table 2)", {
+        "datasets": ["ucf101"], "tokenizers": ["ucf101"], "generators": ["ucf_base_nbp16", "ucf_xl_nbp16", "ucf_3b_nbp16"]}),
+    "k600": ("K600: tokenizer (Table 7), NBP and NTP frame prediction at 700M / 1.2B / 3B (Tables 1 and 2)", {
+        "datasets": ["k600"], "tokenizers": ["k600"],
+        "generators": ["k600_base_nbp16", "k600_xl_nbp16", "k600_3b_nbp16", "k600_base_ntp", "k600_xl_ntp", "k600_3b_ntp"]}),
+    "k600_ablations": ("K600 700M block sizes 1/8/16/32/64/256 (Figure 7) and block shapes (Table 3)", {
+        "datasets": ["k600"], "tokenizers": ["k600"],
+        "generators": ["k600_base_ntp", "k600_base_nbp8", "k600_base_nbp16", "k600_base_nbp32", "k600_base_nbp64",
+                       "k600_base_nbp256", "k600_base_b1x4x4"]}),
+    "released": ("the released checkpoints (UCF-101 and K600 tokenizers and NBP 700M): import, then evaluate only", {
+        "datasets": ["ucf101", "k600"], "tokenizers": ["released_ucf", "released_k600"],
+        "generators": ["released_ucf_nbp16", "released_k600_nbp16"]}),
+}
+
+
+def _union(*names: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {k: [] for k in KEYS}
+    for n in names:
+        for k in KEYS:
+            out[k] += [e for e in SUITES[n][1][k] if e not in out[k]]
+    return out
+
+
+SUITES["paper"] = ("every paper experiment we train: ucf101 + k600 + k600_ablations", _union("ucf101", "k600", "k600_ablations"))
+
+
+def _flow(names: list[str]) -> str:
+    return "[" + ", ".join(names) + "]"
+
+
+def rewrite_run(text: str, lists: dict[str, list[str]], source: str = DEFAULT_PARAMS) -> str:
+    """``text`` with the given keys of its top-level ``run:`` mapping replaced by flow lists; nothing else changes.
+
+    A key's old value may span several lines (a block list); its trailing comment on the key line is kept.
+    """
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.match(r"run:\s*(#.*)?$", ln.rstrip("\n"))), None)
+    if start is None:
+        raise ConfigError("run", "no top-level `run:` section to rewrite", source)
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"[^\s#]", lines[i])), len(lines))
+    body = lines[start + 1:end]
+    indent = next((re.match(r"(\s+)\S", ln).group(1) for ln in body if re.match(r"\s+[^\s#]", ln)), "  ")
+    for key, names in lists.items():
+        pat = re.compile(rf"{re.escape(indent)}{key}:(?P<value>[^#\n]*)(?P<comment>#.*)?$")
+        idx = next((i for i, ln in enumerate(body) if pat.match(ln.rstrip("\n"))), None)
+        new = f"{indent}{key}: {_flow(names)}"
+        if idx is None:
+            body.append(new + "\n")
+            continue
+        m = pat.match(body[idx].rstrip("\n"))
+        comment = f"  {m.group('comment')}" if m.group("comment") else ""
+        stop = idx + 1  # continuation lines of a block value are indented deeper than the key
+        while stop < len(body) and body[stop].strip() and len(body[stop]) - len(body[stop].lstrip()) > len(indent):
+            stop += 1
+        body[idx:stop] = [new + comment + "\n"]
+    return "".join(lines[:start + 1] + body + lines[end:])
+
+
+def select(params: str | Path, suite: str) -> dict[str, list[str]]:
+    """Rewrite ``run`` of ``params`` to ``suite`` (validated before the file is replaced)."""
+    if suite not in SUITES:
+        raise ConfigError("", f"unknown suite {suite!r} (known: {', '.join(SUITES)})", "nbp select")
+    path = Path(params)
+    lists = SUITES[suite][1]
+    text = rewrite_run(path.read_text(), lists, str(path))
+    raw, old = yaml.safe_load(text), yaml.safe_load(path.read_text())
+    if {k: v for k, v in raw.items() if k != "run"} != {k: v for k, v in old.items() if k != "run"} or any(
+            raw["run"][k] != lists[k] for k in KEYS):
+        raise ConfigError("run", "could not rewrite the run section safely; edit it by hand", str(path))
+    tmp = path.with_name(f".{path.name}.select.tmp")
+    tmp.write_text(text)
+    try:
+        from nbp.dag import check_wiring
+
+        check_wiring(load_config(tmp))
+    finally:
+        tmp.unlink()
+    write_text(path, text)
+    return lists
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", nargs="?", choices=list(SUITES), metavar="SUITE",
+                        help=f"one of: {', '.join(SUITES)} (omit to list them)")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file to rewrite (default: params.yaml)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.suite is None:
+        for name, (desc, lists) in SUITES.items():
+            print(f"{name:15s} {desc}\n{'':15s} generators: {', '.join(lists['generators'])}")
+        return 0
+    lists = select(args.params, args.suite)
+    print(f"{args.params}: run selects suite {args.suite!r}")
+    for k in KEYS:
+        print(f"  {k}: {', '.join(lists[k])}")
+    print("next: `dvc repro` or `snakemake --profile workflow/profiles/slurm` (see README)")
+    return 0
