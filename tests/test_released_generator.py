@@ -234,3 +234,27 @@ def test_hyper_parameters_must_agree_with_the_weights(tmp_path):
     torch.save({"state_dict": _released_state(V, 0), "hyper_parameters": args}, path)
     with pytest.raises(NbpError, match="n_layer"):
         import_released_generator(path)
+
+
+def test_train_generator_stage_imports_a_released_entry(k600_file, tmp_path):
+    from pathlib import Path
+
+    from nbp.config import ConfigError, load_config
+    from nbp.generator.train import run_train_generator
+
+    path, _ = k600_file
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    over = {"run.out": str(tmp_path / "out"), "train_generator.released_k600_nbp16.checkpoint": str(path),
+            "train_generator.released_k600_nbp16.block": [1, 1, B]}
+    cfg = load_config(params, over)
+    run_train_generator(cfg, "released_k600_nbp16")
+    out = cfg.out_dir("train_generator", "released_k600_nbp16")
+    gen = load_generator(out / "generator.pt")
+    assert gen.task.task == "frame_pred" and gen.info["source"] == "released" and gen.tokenizer.endswith("tokenizer.pt")
+    assert (out / "history.csv").is_file() and (out / "metrics.json").is_file()
+    with pytest.raises(NbpError, match="blocks of 4 tokens, not 8"):
+        run_train_generator(load_config(params, {**over, "train_generator.released_k600_nbp16.block": [1, 2, 4]}),
+                            "released_k600_nbp16")
+    with pytest.raises(ConfigError, match="block"):  # same size, other shape
+        run_train_generator(load_config(params, {**over, "train_generator.released_k600_nbp16.block": [1, 2, 2]}),
+                            "released_k600_nbp16")

@@ -184,8 +184,10 @@ def released_layout(gen: dict, hp: dict, source: str, *, block: int | None = Non
             raise NbpError(f"{source}: hybrid model with vocabulary {rows}, {cond_len} condition rows: expected "
                            f"{TEXT_LEN} rows and B + {TEXT_VOCAB} + {V} ids")
     elif rows == V and cond_len == 0:
-        semi = hp.get("semi_ar", True)
-        B = int(block or (_get(hp, "token_number_per_step", 16) if semi else 1))
+        hp_block = (_get(hp, "token_number_per_step") if hp.get("semi_ar", True) else 1)
+        if hp_block is not None and block is not None and int(hp_block) != block:
+            raise NbpError(f"{source}: the file was trained with blocks of {hp_block} tokens, not {block}")
+        B = int(hp_block or block or 16)
     else:
         raise NbpError(f"{source}: vocabulary {rows} with {cond_len} condition rows is neither the UCF hybrid "
                        f"(B + {TEXT_VOCAB} + {V}, 8 rows) nor the K600 layout ({V}, 0 rows)")
@@ -260,3 +262,43 @@ def import_released_generator(path: str | Path, **overrides) -> dict:
 def load_released_generator(path: str | Path, device="cpu", **overrides) -> LoadedGenerator:
     """A released ``.ckpt`` imported on the fly, ready to sample (eval mode)."""
     return generator_from_checkpoint(import_released_generator(path, **overrides), device)
+
+
+def run_import_released(cfg, name: str) -> Path:
+    """Stage ``train_generator`` with ``source: released``: fetch (URL) or read (path) the ``.ckpt``, convert it,
+    check it against the entry (task, block), write ``generator.pt``, an empty ``history.csv`` and ``metrics.json``."""
+    import pandas as pd
+
+    from nbp.checkpoint import save_checkpoint
+    from nbp.config import ConfigError, to_dict
+    from nbp.data.download import fetch, sha256_file
+    from nbp.generator.train import HISTORY_COLUMNS
+    from nbp.io import atomic_dir, write_json
+
+    g = cfg.entry("train_generator", name)
+    src = g.checkpoint
+    if src is None:
+        raise ConfigError(f"train_generator.{name}.checkpoint", "source is 'released' but no checkpoint is given")
+    if "://" in src:
+        path = fetch(src, Path(cfg.run.out) / "checkpoints" / "train_generator" / name / Path(src.split("?")[0]).name)
+    else:
+        path = Path(src)
+    B = g.block[0] * g.block[1] * g.block[2]
+    ckpt = import_released_generator(path, block=B, context_frames=g.context_frames)
+    task = ckpt["task"]
+    if task["task"] != g.task or tuple(task["block"]) != tuple(g.block):
+        raise ConfigError(f"train_generator.{name}", f"the released file is task {task['task']!r} with block {task['block']}, "
+                          f"the entry says {g.task!r} with {list(g.block)}")
+    tok = cfg.tokenize[g.tokens].tokenizer
+    ckpt.update(tokenizer=str(cfg.out_dir("train_tokenizer", tok) / "tokenizer.pt"), sha256=sha256_file(path),
+                released_file=src, params=to_dict(g))
+    c = ckpt["config"]
+    n_params = sum(v.numel() for v in ckpt["model"].values())
+    with atomic_dir(cfg.out_dir("train_generator", name)) as tmp:
+        save_checkpoint(tmp / "generator.pt", ckpt)
+        pd.DataFrame([], columns=HISTORY_COLUMNS).to_csv(tmp / "history.csv", index=False)
+        write_json(tmp / "metrics.json", {"source": "released", "checkpoint": src, "sha256": ckpt["sha256"], "params": n_params,
+                                          "n_layer": c["n_layer"], "n_embd": c["n_embd"], "n_head": c["n_head"],
+                                          "task": task["task"], "block": task["block"], "ignored": ckpt["ignored"],
+                                          "generation_steps": TaskLayout.from_dict(task).steps})
+    return cfg.out_dir("train_generator", name)
