@@ -184,6 +184,7 @@ class TrainGeneratorConfig:
     bf16: bool = True  # on GPU
     flex_attention: bool = True  # on GPU
     val_every: int = 100
+    val_clips: int = 512  # validation clips scored (at most)
     checkpoint_every: int = 200
     log_every: int = 20
     seed: int = 0

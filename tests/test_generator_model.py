@@ -1,0 +1,112 @@
+"""The transformer: released key names, SDPA vs FlexAttention, cached decoding, the unconditional embedding."""
+
+import pytest
+import torch
+
+from nbp.generator.layout import BlockLayout, TaskLayout
+from nbp.generator.model import GPT, PRESETS, KVCache, gpt_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def _task(task="class", block=(1, 1, 4), grid=(2, 4, 4)):
+    return TaskLayout(task, BlockLayout(grid, block), video_vocab=40, num_classes=3, context_frames=block[0],
+                      text_ids=tuple(tuple(range(8)) for _ in range(3)) if task == "hybrid" else ())
+
+
+def _model(t, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(gpt_config("tiny", vocab_size=t.vocab_size, n_positions=t.seq_len, cond_len=t.cond_len, **kw)).eval()
+
+
+def _batch(t, n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, t.video_vocab, (n, t.num_tokens), generator=g)
+    return t.train_inputs(codes, t.cond_ids(torch.arange(n) % 3))
+
+
+def test_released_key_names():
+    t = _task("hybrid")
+    keys = set(_model(t).state_dict())
+    expect = {"tok_emb.weight", "pos_emb", "ln_f.weight", "ln_f.bias", "head.weight", "uncond_embedding"}
+    for L in range(PRESETS["tiny"]["n_layer"]):
+        for ln in ("ln1", "ln2"):
+            expect |= {f"blocks.{L}.{ln}.weight", f"blocks.{L}.{ln}.bias"}
+        for lin in ("key", "query", "value", "proj"):
+            expect |= {f"blocks.{L}.attn.{lin}.weight", f"blocks.{L}.attn.{lin}.bias"}
+        expect |= {f"blocks.{L}.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    assert keys == expect
+    m = _model(t)
+    assert m.pos_emb.shape == (1, t.seq_len, 128) and m.uncond_embedding.shape == (8, 128)
+    assert m.blocks[0].mlp[0].out_features == 4 * 128
+
+
+def test_preset_sizes():
+    # the paper's sizes 700M, 1.2B, 3B count the transformer blocks; built on the meta device (no memory)
+    sizes = {}
+    for name in ("base", "xl", "3b"):
+        with torch.device("meta"):
+            m = GPT(gpt_config(name, vocab_size=96016, n_positions=5120, cond_len=8))
+        sizes[name] = sum(p.numel() for p in m.blocks.parameters())
+    assert 0.65e9 < sizes["base"] < 0.75e9
+    assert 1.15e9 < sizes["xl"] < 1.3e9
+    assert 3.5e9 < sizes["3b"] < 3.8e9
+
+
+@pytest.mark.parametrize("task,block", [("class", (1, 1, 4)), ("hybrid", (1, 1, 4)), ("frame_pred", (1, 2, 2)),
+                                        ("uncond", (2, 2, 2)), ("class", (1, 1, 1))])
+def test_sdpa_and_flex_attention_agree(task, block):
+    """FlexAttention runs on CPU without autograd (eager, unfused); on CUDA it is compiled."""
+    t = _task(task, block)
+    m = _model(t)
+    inp, _ = _batch(t)
+    with torch.no_grad():
+        dense = m(inp, t.dense_mask())
+        flex = m(inp, t.block_mask())
+        full = m(inp, None)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    assert (full - dense).abs().max() > 1e-3  # the mask matters
+
+
+@pytest.mark.parametrize("task", ["class", "hybrid", "frame_pred"])
+def test_cached_decoding_equals_full_forward(task):
+    t = _task(task)
+    m = _model(t)
+    inp, _ = _batch(t)
+    B = t.block_size
+    with torch.no_grad():
+        full = m(inp, t.dense_mask())
+        cache = KVCache.for_model(m, batch=2, max_len=t.seq_len)
+        ptr = cache.k.data_ptr()
+        # prefill the prompt, then the NTP tokens one by one (hybrid), then whole blocks
+        P = t.cond_len + len(t.start_ids) if t.task != "frame_pred" else t.context_len
+        steps = [(0, P)] + [(s, 1) for s in range(P, t.cond_len + t.ntp_len)]
+        s = max(P, t.cond_len + t.ntp_len)
+        steps += [(k, B) for k in range(s, t.seq_len, B)]
+        outs = [m(inp[:, a:a + n], t.step_mask(a, n), cache=cache, start=a) for a, n in steps]
+    assert cache.k.data_ptr() == ptr  # written in place, never reallocated
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_uncond_embedding_replaces_condition():
+    t = _task("class")
+    m = _model(t)
+    inp, _ = _batch(t, n=2)
+    other = inp.clone()
+    other[:, 0] = t.cond_ids(torch.tensor([2, 2]))[:, 0]  # another class
+    uncond = torch.tensor([False, True])
+    with torch.no_grad():
+        a, b = m(inp, t.dense_mask(), uncond=uncond), m(other, t.dense_mask(), uncond=uncond)
+    assert (a[0] - b[0]).abs().max() > 1e-4  # conditional row follows the class
+    torch.testing.assert_close(a[1], b[1])  # unconditional row ignores it
+    # gradient reaches the learned unconditional embedding
+    m.train()
+    m(inp, t.dense_mask(), uncond=uncond).sum().backward()
+    assert m.uncond_embedding.grad.abs().sum() > 0
+
+
+def test_positions_beyond_slots_raise():
+    t = _task("class")
+    m = _model(t)
+    with pytest.raises(ValueError, match="exceed"):
+        m(torch.zeros(1, 4, dtype=torch.long), None, start=t.seq_len - 2)
