@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter for this call, e.g. -S train_tokenizer.embedded.steps=10")
+    sub.choices["download"].add_argument("--dry-run", action="store_true",
+                                         help="list what would be fetched (or generated) and where it would go; fetch nothing")
     for name, (_, help_) in UTILITIES.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_utility=name)
@@ -152,8 +154,9 @@ def run(argv: list[str] | None = None) -> int:
         return int(mod.main(args) or 0)
     cfg = load_config(args.params, overrides=_parse_overrides(args.set))
     fn = _load_impl(STAGES[args.command][0])
+    extra = {"dry_run": True} if getattr(args, "dry_run", False) else {}
     for entry in _entries(cfg, args.command, getattr(args, "name", None)):
-        fn(cfg, entry)
+        fn(cfg, entry, **extra)
     return 0
 
 

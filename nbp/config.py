@@ -78,6 +78,7 @@ class DownloadConfig:
     root: Optional[str] = None
     urls: dict[str, str] = field(default_factory=dict)
     splits: list[str] = field(default_factory=lambda: ["train", "val"])  # k600 splits to fetch
+    keep_archives: bool = True  # false: delete each archive once extracted (K600 otherwise needs twice the disk)
     embedded: EmbeddedSpec = field(default_factory=EmbeddedSpec)
 
 

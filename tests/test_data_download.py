@@ -1,0 +1,369 @@
+"""The download stage's protections, against a loopback HTTP server serving archives made here."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers_data import write_index_video
+
+from nbp.config import load_config
+from nbp.data import download as D
+from nbp.data.datasets import UCF101, Kinetics600
+from nbp.errors import NbpError
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_RAR_TOOL = bool((shutil.which("unar") and shutil.which("lsar")) or shutil.which("bsdtar"))
+
+
+# --------------------------------------------------------------------------------------
+# a loopback server: honours Range, can drop the connection mid-file, can ignore Range
+
+
+class Server:
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.drops: dict[str, list[int]] = {}  # path -> bytes sent before dropping, one entry per request
+        self.ignore_range = False
+        self.log: list[tuple[str, str | None]] = []
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                srv.log.append((self.path, rng))
+                body = srv.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = int(rng.split("=")[1].split("-")[0]) if rng and not srv.ignore_range else 0
+                if start >= len(body) and start:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.end_headers()
+                    return
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                drops = srv.drops.get(self.path)
+                if drops:
+                    cut = drops.pop(0)
+                    self.wfile.write(body[start:start + cut])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NBP_PROGRESS", "0")
+    s = Server()
+    yield s
+    s.close()
+
+
+PAYLOAD = bytes((i * 7919) % 251 for i in range(300_000))
+
+
+def test_interrupted_transfer_resumes_with_range(server, tmp_path):
+    server.files["/data.bin"] = PAYLOAD
+    server.drops["/data.bin"] = [100_000, 50_000]  # two drops, then a full answer
+    lock = D.LockFile(tmp_path / "lock.json")
+    out = D.fetch(f"{server.url}/data.bin", tmp_path / "dl" / "data.bin", lock=lock, retries=3, backoff=0)
+    assert out.read_bytes() == PAYLOAD
+    assert server.log == [("/data.bin", None), ("/data.bin", "bytes=100000-"), ("/data.bin", "bytes=150000-")]
+    assert not (tmp_path / "dl" / "data.bin.part").exists()
+    assert lock.get(f"{server.url}/data.bin")["size"] == len(PAYLOAD)
+
+
+def test_partial_file_from_an_earlier_run_is_continued(server, tmp_path):
+    server.files["/data.bin"] = PAYLOAD
+    dest = tmp_path / "data.bin"
+    dest.with_name("data.bin.part").write_bytes(PAYLOAD[:123_456])
+    D.fetch(f"{server.url}/data.bin", dest, retries=0)
+    assert dest.read_bytes() == PAYLOAD and server.log == [("/data.bin", "bytes=123456-")]
+    # a .part that is already complete: the server answers 416 and the file is kept
+    server.log.clear()
+    dest2 = tmp_path / "again.bin"
+    dest2.with_name("again.bin.part").write_bytes(PAYLOAD)
+    D.fetch(f"{server.url}/data.bin", dest2, retries=0)
+    assert dest2.read_bytes() == PAYLOAD and server.log == [("/data.bin", f"bytes={len(PAYLOAD)}-")]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    server.files["/data.bin"] = PAYLOAD
+    server.ignore_range = True
+    dest = tmp_path / "data.bin"
+    dest.with_name("data.bin.part").write_bytes(b"\xff" * 1000)
+    D.fetch(f"{server.url}/data.bin", dest, retries=0)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_checksum_recorded_at_first_download_then_checked(server, tmp_path):
+    url = f"{server.url}/UCF101.rar"
+    server.files["/UCF101.rar"] = PAYLOAD
+    lock = D.LockFile(tmp_path / "workflow" / "checksums.lock.json")
+    D.fetch(url, tmp_path / "a" / "UCF101.rar", lock=lock)
+    recorded = json.loads(lock.path.read_text())["files"][url]
+    assert recorded["sha256"] == D.sha256_file(tmp_path / "a" / "UCF101.rar") and recorded["size"] == len(PAYLOAD)
+    # the upstream file changes (or is corrupted in transit): the next download fails its checksum
+    server.files["/UCF101.rar"] = PAYLOAD[:5000] + b"X" + PAYLOAD[5001:]
+    dest = tmp_path / "b" / "UCF101.rar"
+    with pytest.raises(D.ChecksumError, match="does not match"):
+        D.fetch(url, dest, lock=lock)
+    assert not dest.exists() and dest.with_name("UCF101.rar.corrupt").exists()
+    assert json.loads(lock.path.read_text())["files"][url] == recorded  # the lock is not rewritten
+    # a published checksum is checked the same way
+    with pytest.raises(D.ChecksumError):
+        D.fetch(url, tmp_path / "c" / "x.rar", sha256="0" * 64)
+
+
+def test_unreachable_server_and_missing_file_give_clear_errors(server, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(D.NetworkError, match=rf"127.0.0.1:{port}/x.rar: network unreachable .*after 2 tries"):
+        D.fetch(f"http://127.0.0.1:{port}/x.rar", tmp_path / "x.rar", retries=1, backoff=0)
+    with pytest.raises(NbpError, match="HTTP 404"):
+        D.fetch(f"{server.url}/nothing.zip", tmp_path / "n.zip", retries=3, backoff=0)
+    assert len(server.log) == 1  # a 404 is not retried
+
+
+# --------------------------------------------------------------------------------------
+# safe extraction
+
+
+def _tar(path: Path, members: list[tuple[str, str, bytes | str]]) -> Path:
+    """members: (name, kind in file|dir|sym|hard|chr, data or link target)."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name, kind, data in members:
+            ti = tarfile.TarInfo(name)
+            if kind == "file":
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+                continue
+            ti.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE}[kind]
+            if kind in ("sym", "hard"):
+                ti.linkname = data
+            tf.addfile(ti)
+    return path
+
+
+def _zip(path: Path, members: list[tuple[str, bytes, int]]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data, mode in members:
+            zi = zipfile.ZipInfo(name)
+            zi.external_attr = mode << 16
+            zf.writestr(zi, data)
+    return path
+
+
+def _rar_header(htype: int, flags: int, body: bytes) -> bytes:
+    rest = struct.pack("<BHH", htype, flags, 7 + len(body)) + body
+    return struct.pack("<H", zlib.crc32(rest) & 0xFFFF) + rest
+
+
+def _rar(path: Path, members: list[tuple[str, bytes, int]]) -> Path:
+    """A RAR 1.5-4.x archive with stored members (name with '\\' separators, data, unix mode), from the format notes."""
+    out = b"Rar!\x1a\x07\x00" + _rar_header(0x73, 0, b"\x00" * 6)
+    for name, data, mode in members:
+        nb = name.replace("/", "\\").encode()
+        flags = 0x8000 | (0xE0 if stat.S_ISDIR(mode) else 0)
+        body = struct.pack("<IIBIIBBHI", len(data), len(data), 3, zlib.crc32(data), 0x5A210000, 20, 0x30, len(nb), mode) + nb
+        out += _rar_header(0x74, flags, body) + data
+    path.write_bytes(out + _rar_header(0x7B, 0x4000, b""))
+    return path
+
+
+def _assert_nothing_written(tmp_path: Path, target: Path, archive: Path) -> None:
+    leftovers = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p != archive and p != target)
+    assert leftovers == [], leftovers
+
+
+REASONS = {"dotdot": "contains '..'", "absolute": "absolute path", "escaping symlink": "points outside the target",
+           "absolute symlink": "points to an absolute path", "write through link": "written through a link",
+           "hard link outside": "outside the target", "device": "device"}
+
+BAD_TARS = {
+    "dotdot": [("data/ok.txt", "file", b"ok"), ("data/../../evil.txt", "file", b"evil"), ("../evil.txt", "file", b"evil")],
+    "absolute": [("ok.txt", "file", b"ok"), ("{tmp}/abs.txt", "file", b"evil")],
+    "escaping symlink": [("UCF-101/link", "sym", "../../.."), ("ok.txt", "file", b"ok")],
+    "absolute symlink": [("link", "sym", "/etc")],
+    "hard link outside": [("h", "hard", "../outside.txt")],
+    "device": [("dev/null0", "chr", "")],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TARS))
+def test_tar_with_unsafe_members_is_refused(tmp_path, case):
+    members = [(n.replace("{tmp}", str(tmp_path)), k, d) for n, k, d in BAD_TARS[case]]
+    archive = _tar(tmp_path / "bad.tar.gz", members)
+    target = tmp_path / "data"
+    with pytest.raises(D.UnsafeArchiveError, match=REASONS[case]):
+        D.safe_extract(archive, target)
+    assert list(target.iterdir()) == []  # not even the safe members: the scratch folder is gone
+    _assert_nothing_written(tmp_path, target, archive)
+
+
+def test_safe_tar_with_inner_links_extracts(tmp_path):
+    archive = _tar(tmp_path / "ok.tgz", [("./k600/train/a.mp4", "file", b"aaa"), ("k600/train/sub", "dir", b""),
+                                         ("k600/train/sub/link.mp4", "sym", "../a.mp4"),
+                                         ("k600/hard.mp4", "hard", "k600/train/a.mp4")])
+    target = D.safe_extract(archive, tmp_path / "data")
+    assert (target / "k600/train/sub/link.mp4").read_bytes() == b"aaa"
+    assert os.readlink(target / "k600/train/sub/link.mp4") == "../a.mp4"
+    assert (target / "k600/hard.mp4").read_bytes() == b"aaa"
+    assert sorted(p.name for p in target.iterdir()) == ["k600"]
+
+
+def test_zip_with_unsafe_members_is_refused(tmp_path):
+    cases = {
+        "dotdot": [("ucfTrainTestlist/classInd.txt", b"1 A\n", 0o100644), ("../evil.txt", b"x", 0o100644)],
+        "absolute": [(f"{tmp_path}/abs.txt", b"x", 0o100644)],
+        "escaping symlink": [("ucfTrainTestlist/l", b"../../../etc", 0o120777)],
+        "device": [("fifo", b"", 0o010644)],
+    }
+    for name, members in cases.items():
+        archive = _zip(tmp_path / f"{name}.zip", members)
+        target = tmp_path / "data"
+        with pytest.raises(D.UnsafeArchiveError, match=REASONS[name]):
+            D.safe_extract(archive, target)
+        assert list(target.iterdir()) == [], name
+        archive.unlink()
+        _assert_nothing_written(tmp_path, target, archive)
+    ok = _zip(tmp_path / "ok.zip", [("ucfTrainTestlist/", b"", 0o040755),
+                                    ("ucfTrainTestlist/classInd.txt", b"1 A\r\n", 0o100644)])
+    assert (D.safe_extract(ok, tmp_path / "data") / "ucfTrainTestlist/classInd.txt").read_bytes() == b"1 A\r\n"
+
+
+@pytest.mark.skipif(not HAS_RAR_TOOL, reason="needs unar or bsdtar (apt-get install unar)")
+def test_rar_extracts_and_unsafe_rar_is_refused(tmp_path):
+    good = _rar(tmp_path / "UCF101.rar", [("UCF-101", b"", 0o040755), ("UCF-101/A/v_A_g01_c01.avi", b"video", 0o100644),
+                                          ("UCF-101/A/link.avi", b"v_A_g01_c01.avi", 0o120777)])
+    target = D.safe_extract(good, tmp_path / "data")
+    assert (target / "UCF-101/A/v_A_g01_c01.avi").read_bytes() == b"video"
+    assert (target / "UCF-101/A/link.avi").read_bytes() == b"video"
+    shutil.rmtree(target)
+    good.unlink()
+    cases = {
+        "dotdot": [("UCF-101/ok.avi", b"ok", 0o100644), ("..\\evil.avi", b"x", 0o100644)],
+        "absolute": [("/" + str(tmp_path / "abs.avi").lstrip("/"), b"x", 0o100644)],
+        "escaping symlink": [("UCF-101/l", b"../../../../etc", 0o120777)],
+        "write through link": [("l", b"sub", 0o120777), ("l/x.avi", b"x", 0o100644)],
+    }
+    for name, members in cases.items():
+        archive = _rar(tmp_path / "bad.rar", members)
+        target = tmp_path / "data"
+        with pytest.raises(D.UnsafeArchiveError, match=REASONS[name]):
+            D.safe_extract(archive, target)
+        assert list(target.iterdir()) == [], name
+        archive.unlink()
+        _assert_nothing_written(tmp_path, target, archive)
+
+
+# --------------------------------------------------------------------------------------
+# the stage
+
+
+def _cfg(tmp_path: Path, overrides: dict):
+    return load_config(REPO / "params.yaml", overrides={"run.out": str(tmp_path / "out"), **overrides})
+
+
+@pytest.mark.skipif(not HAS_RAR_TOOL, reason="needs unar or bsdtar (apt-get install unar)")
+def test_download_ucf101_end_to_end(server, tmp_path, monkeypatch, capsys):
+    lock_path = tmp_path / "checksums.lock.json"
+    monkeypatch.setenv(D.LOCK_ENV, str(lock_path))
+    video = write_index_video(tmp_path / "v.avi", 10, 25).read_bytes()
+    names = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi",
+             "YoYo/v_YoYo_g08_c01.avi"]
+    server.files["/data/UCF101.rar"] = _rar(tmp_path / "u.rar", [(f"UCF-101/{n}", video, 0o100644) for n in names]).read_bytes()
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        zf.writestr("ucfTrainTestlist/classInd.txt", "1 ApplyEyeMakeup\r\n2 YoYo\r\n")
+        zf.writestr("ucfTrainTestlist/trainlist01.txt", f"{names[1]} 1\r\n{names[2]} 2\r\n")
+        zf.writestr("ucfTrainTestlist/testlist01.txt", f"{names[0]}\r\n")
+    server.files["/data/splits.zip"] = zbuf.getvalue()
+    urls = {"videos": f"{server.url}/data/UCF101.rar", "splits": f"{server.url}/data/splits.zip"}
+    cfg = _cfg(tmp_path, {"download.ucf101.urls": urls})
+    out = tmp_path / "out" / "download" / "ucf101"
+
+    D.run_download(cfg, "ucf101", dry_run=True)
+    printed = capsys.readouterr().out
+    assert urls["videos"] in printed and urls["splits"] in printed and "to fetch" in printed
+    assert not (tmp_path / "out").exists() and server.log == []  # a dry run fetches and writes nothing
+
+    D.run_download(cfg, "ucf101")
+    ds = UCF101(out)
+    assert [v.video for v in ds.videos("train")] == names[1:] and ds.videos("val")[0].path.read_bytes() == video
+    assert set(json.loads(lock_path.read_text())["files"]) == set(urls.values())
+    # a rerun uses the kept archives (no transfer) and checks them against the lock
+    server.log.clear()
+    D.run_download(cfg, "ucf101")
+    assert server.log == [] and UCF101(out).classes[1].text == "yo yo"
+    archive = tmp_path / "out" / "archives" / "ucf101" / "UCF101.rar"
+    archive.write_bytes(archive.read_bytes()[:-10] + b"corrupted!")
+    with pytest.raises(D.ChecksumError):
+        D.run_download(cfg, "ucf101")
+    assert (out / "UCF-101").is_dir()  # the previous output is untouched
+
+
+def test_download_k600_end_to_end(server, tmp_path, monkeypatch):
+    monkeypatch.setenv(D.LOCK_ENV, str(tmp_path / "lock.json"))
+    parts = {}
+    archived = [["aaaaaaaaaaa_000000_000010.mp4"], ["bbbbbbbbbbb_000005_000015.mp4", "ccccccccccc_000001_000011.mp4"]]
+    for i, vids in enumerate(archived):
+        parts[f"/k600/train/part_{i}.tar.gz"] = _tar(tmp_path / f"p{i}.tgz", [(v, "file", v.encode()) for v in vids]).read_bytes()
+    server.files.update(parts)
+    server.files["/k600/train/k600_train_path.txt"] = "".join(f"{server.url}{p}\n" for p in parts).encode()
+    server.files["/k600/annotations/train.csv"] = (
+        b"label,youtube_id,time_start,time_end,split\nabseiling,aaaaaaaaaaa,0,10,train\n"
+        b"zumba,bbbbbbbbbbb,5,15,train\nzumba,ccccccccccc,1,11,train\nzumba,ddddddddddd,1,11,train\n")
+    cfg = _cfg(tmp_path, {"download.k600.urls": {"lists": f"{server.url}/k600", "annotations": f"{server.url}/k600/annotations"},
+                          "download.k600.splits": ["train"], "download.k600.keep_archives": False})
+    D.run_download(cfg, "k600")
+    out = tmp_path / "out" / "download" / "k600"
+    ds = Kinetics600(out)
+    assert [(v.video, v.label) for v in ds.videos("train")] == [
+        ("aaaaaaaaaaa_000000_000010.mp4", 0), ("bbbbbbbbbbb_000005_000015.mp4", 1), ("ccccccccccc_000001_000011.mp4", 1)]
+    assert ds.missing["train"] == 1
+    assert not list((tmp_path / "out" / "archives" / "k600" / "train").glob("*.tar.gz"))  # keep_archives: false
+
+
+def test_cli_dry_run_flag(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("out: out", f"out: {tmp_path / 'out'}", 1))
+    done = subprocess.run([sys.executable, "-m", "nbp", "download", "--dry-run", "--params", str(params)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "dry run" in done.stdout and "would generate" in done.stdout and not (tmp_path / "out").exists()
