@@ -28,21 +28,19 @@ def select_clips(video_ids, per_video: int | None) -> np.ndarray:
     return np.flatnonzero(rank < per_video)
 
 
-def encode_clips(frames, indices: np.ndarray, encode: Callable[[torch.Tensor], torch.Tensor], vocab_size: int,
+def encode_clips(clips, indices: np.ndarray, encode: Callable[[torch.Tensor], torch.Tensor], vocab_size: int,
                  batch_size: int, device: torch.device, desc: str = "tokenize") -> np.ndarray:
-    """uint8 clips frames[indices] ([T, H, W, 3] each) -> codes [n, T', H', W'] (int16/int32)."""
-    dtype = token_dtype(vocab_size)
+    """Clips ``indices`` of a ClipCache -> codes [n, T', H', W'] (int16 when the vocabulary fits, else int32)."""
     out = None
     for s in progress(range(0, len(indices), batch_size), desc=desc, unit="batch"):
         idx = indices[s:s + batch_size]
-        clip = torch.from_numpy(np.ascontiguousarray(frames[idx]))  # [b, T, H, W, 3] uint8
-        video = clip.to(device).permute(0, 4, 1, 2, 3).float().div_(255)  # [b, 3, T, H, W] in [0, 1]
+        video = clips.to_tensor(clips.batch(idx)).to(device)  # [b, 3, T, H, W] in [0, 1]
         with torch.no_grad():
             codes = encode(video).cpu().numpy()  # [b, T', H', W']
         if codes.min() < 0 or codes.max() >= vocab_size:
             raise ValueError(f"tokenizer returned codes outside [0, {vocab_size})")
         if out is None:
-            out = np.empty((len(indices), *codes.shape[1:]), dtype=dtype)
+            out = np.empty((len(indices), *codes.shape[1:]), dtype=token_dtype(vocab_size))
         out[s:s + len(idx)] = codes
     if out is None:
         raise ValueError("no clips to tokenize")
@@ -72,7 +70,7 @@ def run_tokenize(cfg: Config, name: str) -> None:
             clips = ClipCache(prep, split)
             classes = clips.classes
             keep = select_clips(clips.video_ids, tcfg.train_clips_per_video if split == "train" else None)
-            codes = encode_clips(clips.frames, keep, tok.encode_codes, tok.vocab_size, tcfg.batch_size, device,
+            codes = encode_clips(clips, keep, tok.encode_codes, tok.vocab_size, tcfg.batch_size, device,
                                  desc=f"tokenize {name}/{split}")
             grid = list(codes.shape[1:])
             write_split(tmp / split, codes, pd.DataFrame({
