@@ -49,7 +49,8 @@ def test_tokenize_stage_writes_the_tokenizer_codes(tmp_path, monkeypatch):
     tok_path.parent.mkdir(parents=True)
     torch.save(tokenizer_checkpoint(tok), tok_path)
 
-    cfg = load_config(REPO / "params.yaml", {"run.out": str(tmp_path), "run.device": "cpu", "prepare.embedded.train_clips_per_video": 3,
+    cfg = load_config(REPO / "params.yaml", {"run.out": str(tmp_path), "run.device": "cpu",
+                                             "prepare.embedded.train_clips_per_video": 3,
                                              "tokenize.embedded.train_clips_per_video": 2, "tokenize.embedded.batch_size": 4})
     run_tokenize(cfg, "embedded")
     out = tmp_path / "tokenize" / "embedded"
