@@ -49,5 +49,11 @@ def stage_resource(stage, key):
 
 
 def stage_launcher(stage):
-    """`nbp`, or torchrun over `resources.gpu` GPUs (and `resources.nodes` nodes) for training stages."""
-    return lambda wc, resources: dag.launcher(stage, int(resources.get("gpu", 0) or 0), int(resources.get("nodes", 1) or 1))
+    """`nbp`, or torchrun over the job's GPUs for training stages: `resources.gpu` on one node, or
+    `resources.gpus_per_node` on each of `resources.nodes` nodes."""
+
+    def launch(wildcards, resources):
+        gpus = resources.get("gpus_per_node") or resources.get("gpu") or 0
+        return dag.launcher(stage, int(gpus), int(resources.get("nodes") or 1))
+
+    return launch

@@ -1,0 +1,158 @@
+"""Helpers of the pipeline tests: run Snakemake / DVC as a user would and read their DAGs back."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LOG_REDIRECT = re.compile(r"\s*>\s*logs/\S+\.log 2>&1\s*$")
+
+
+def env(repo: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a pipeline run: this venv's tools first, the repo's own package imported."""
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    if repo is not None:
+        e["PYTHONPATH"] = f"{repo}{os.pathsep}{e.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    e.update({"WANDB_MODE": "disabled", "NBP_PROGRESS": "0", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+              "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    e.update(extra)
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=env(cwd, **extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"`{' '.join(cmd)}` failed ({res.returncode}) in {cwd}:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def snakemake(args: list[str], cwd: Path = ROOT, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "snakemake", *args], cwd, check=check, **kw)
+
+
+def dvc(args: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], cwd, check=check, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# Snakemake's DAG, from the dry run a user sees (`snakemake -n -p`)
+
+
+def parse_dry_run(text: str) -> list[dict]:
+    """Jobs of a `snakemake -n -p` printout: rule, wildcards, input, output, log, resources, shell."""
+    jobs, cur = [], None
+    for line in text.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line)
+        if m:
+            cur = {"rule": m.group(1), "input": [], "output": [], "log": [], "wildcards": {}, "resources": {}, "shell": None}
+            jobs.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.match(r"^    (\w+): (.*)$", line)
+        if m:
+            key, val = m.groups()
+            if key in ("input", "output", "log"):
+                cur[key] = [v.strip() for v in val.split(", ") if v.strip()]
+            elif key in ("wildcards", "resources"):
+                cur[key] = dict(kv.split("=", 1) for kv in val.split(", ") if "=" in kv)
+            else:
+                cur[key] = val
+            continue
+        m = re.match(r"^Shell command: (.*)$", line)
+        if m:
+            cur["shell"] = m.group(1).strip()
+    return jobs
+
+
+def snakemake_dag(args: list[str] = (), cwd: Path = ROOT) -> dict[str, dict]:
+    """`stage[@entry]` -> job, for every job of a forced dry run (the whole DAG the params select)."""
+    res = snakemake(["-n", "-p", "--forceall", "--nolock", "-c2", *args], cwd)
+    jobs = parse_dry_run(res.stdout + "\n" + res.stderr)
+    out = {}
+    for j in jobs:
+        if j["rule"] == "all":
+            continue
+        entry = j["wildcards"].get("entry")
+        out[j["rule"] + (f"@{entry}" if entry else "")] = j
+    assert out, f"no jobs parsed from snakemake's dry run:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return out
+
+
+def strip_log(cmd: str) -> str:
+    return LOG_REDIRECT.sub("", cmd)
+
+
+# --------------------------------------------------------------------------------------
+# DVC's DAG, resolved by DVC itself
+
+
+def dvc_dag(repo: Path) -> dict[str, dict]:
+    """`stage[@entry]` -> cmd, deps, params, outs (outs + metrics + plots), as DVC resolves dvc.yaml."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    out = {}
+    with Repo(str(repo)) as r:
+        for st in r.index.stages:
+            deps = [d.def_path for d in st.deps if not isinstance(d, ParamsDependency)]
+            params = [p for d in st.deps if isinstance(d, ParamsDependency) for p in d.params]
+            out[st.name] = {"cmd": st.cmd, "deps": deps, "params": params, "outs": [o.def_path for o in st.outs],
+                                  "cache": {o.def_path: o.use_cache for o in st.outs}}
+    return out
+
+
+def covers(dep: str, path: str) -> bool:
+    """Whether a DVC dependency (file or folder) contains ``path``."""
+    dep, path = dep.rstrip("/"), path.rstrip("/")
+    return path == dep or path.startswith(dep + "/")
+
+
+def edges_dvc(stages: dict[str, dict]) -> set[tuple[str, str]]:
+    return {(a, b) for a, sa in stages.items() for b, sb in stages.items() if a != b
+            and any(covers(d, o) or covers(o, d) for d in sb["deps"] for o in sa["outs"])}
+
+
+def edges_snakemake(jobs: dict[str, dict]) -> set[tuple[str, str]]:
+    return {(a, b) for a, ja in jobs.items() for b, jb in jobs.items() if a != b and set(ja["output"]) & set(jb["input"])}
+
+
+# --------------------------------------------------------------------------------------
+# a throwaway copy of the repository
+
+
+def copy_repo(dst: Path, exclude: tuple[str, ...] = ("dvc.lock", "results/", "benchmarks/")) -> Path:
+    """Copy the working tree's files (tracked and untracked, not ignored) to ``dst`` and commit them in a new git repo."""
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in files:
+        if not f or any(f == e or f.startswith(e) for e in exclude) or not (ROOT / f).is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst / f)
+    (dst / "results").mkdir(exist_ok=True)
+    run(["git", "init", "-q"], dst)
+    run(["git", "add", "-A"], dst)
+    run(["git", "commit", "-qm", "copy"], dst)
+    return dst
+
+
+def set_params(params: Path, values: dict[str, object]) -> None:
+    """Set dotted keys in a params file (written back without comments: fine for a test copy)."""
+    raw = yaml.safe_load(params.read_text())
+    for key, v in values.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))

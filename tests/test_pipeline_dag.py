@@ -1,0 +1,117 @@
+"""dvc.yaml and the Snakefile describe the same DAG: same stages, commands, inputs, outputs, params."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from pipeline_helpers import (
+    ROOT,
+    covers,
+    dvc_dag,
+    edges_dvc,
+    edges_snakemake,
+    run,
+    snakemake,
+    snakemake_dag,
+    strip_log,
+)
+
+from nbp import dag
+from nbp.config import ConfigError, load_config
+from nbp.suites import select
+
+
+def test_committed_dvc_yaml_is_generated_from_dag_py():
+    assert (ROOT / "dvc.yaml").read_text() == dag.render_dvc_yaml(), "dvc.yaml is stale: run `nbp dag --write`"
+    res = run(["nbp", "dag", "--check"], ROOT)
+    assert "current" in res.stdout
+
+
+def _suite_repo(tmp_path, suite: str):
+    """A folder DVC resolves: the committed dvc.yaml, params.yaml switched to ``suite``."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
+    select(tmp_path / "params.yaml", suite)
+    return tmp_path
+
+
+@pytest.mark.parametrize("suite", ["embedded", "k600_ablations", "released"])
+def test_dvc_and_snakemake_dags_agree(tmp_path, suite):
+    repo = _suite_repo(tmp_path, suite)
+    cfg = load_config(repo / "params.yaml")
+    dv = dvc_dag(repo)
+    sm = snakemake_dag(["--configfile", str(repo / "params.yaml")])
+    assert set(dv) == set(sm), f"stages differ: dvc-only {set(dv) - set(sm)}, snakemake-only {set(sm) - set(dv)}"
+    expected = {f"{s.name}@{e}" for s in dag.STAGES for e in dag.selected(cfg, s.name)}
+    expected |= {s.name for s in dag.STAGES if s.is_global}
+    assert set(dv) == expected
+    for name, d in dv.items():
+        stage, _, entry = name.partition("@")
+        job = sm[name]
+        assert d["cmd"] == dag.command(stage, entry or None)
+        # the same command; Snakemake starts a training stage under torchrun when its job has several GPUs
+        gpu = int(job["resources"].get("gpu", 0))
+        assert strip_log(job["shell"]) == dag.command(stage, entry or None, dag.launcher(stage, gpu))
+        assert job["log"] == [f"logs/{stage}/{entry}.log" if entry else f"logs/{stage}.log"]
+        assert sorted(job["output"]) == sorted(d["outs"])
+        assert d["params"] == dag.params_keys(stage, entry or None)
+        for path in job["input"]:
+            assert any(covers(dep, path) for dep in d["deps"]), f"{name}: snakemake input {path} is not a dvc dep"
+        for dep in d["deps"]:
+            assert any(covers(dep, path) for path in job["input"]), f"{name}: dvc dep {dep} is not a snakemake input"
+    e_sm, e_dvc = edges_snakemake(sm), edges_dvc(dv)
+    assert e_sm <= e_dvc
+    if len(cfg.run.datasets) == 1 and len(cfg.run.tokenizers) == 1:
+        assert e_dvc == e_sm  # one entry per family: the coarse folders are exact
+    else:  # several: the extra DVC edges come only from a stage-folder dependency (out/<stage>)
+        for a, b in e_dvc - e_sm:
+            coarse = {f"{cfg.run.out}/{s.name}" for s in dag.STAGES}
+            assert any(dep in coarse for dep in dv[b]["deps"] if any(covers(dep, o) for o in dv[a]["outs"])), (a, b)
+
+
+def test_embedded_dag_shape():
+    """The edges of the default DAG, written out by hand."""
+    e = edges_snakemake(snakemake_dag())
+    want = {
+        ("download@embedded", "prepare@embedded"), ("prepare@embedded", "real_stats@embedded"),
+        ("fetch_detector", "real_stats@embedded"), ("prepare@embedded", "train_tokenizer@embedded"),
+        ("train_tokenizer@embedded", "eval_tokenizer@embedded"), ("prepare@embedded", "eval_tokenizer@embedded"),
+        ("fetch_detector", "eval_tokenizer@embedded"), ("train_tokenizer@embedded", "tokenize@embedded"),
+        ("prepare@embedded", "tokenize@embedded"), ("eval_tokenizer@embedded", "tables"),
+    }
+    for g in ("embedded_nbp", "embedded_ntp"):
+        want |= {("tokenize@embedded", f"train_generator@{g}"), (f"train_generator@{g}", f"eval_generator@{g}"),
+                 ("tokenize@embedded", f"eval_generator@{g}"), ("train_tokenizer@embedded", f"eval_generator@{g}"),
+                 ("real_stats@embedded", f"eval_generator@{g}"), ("fetch_detector", f"eval_generator@{g}"),
+                 (f"eval_generator@{g}", "tables")}
+    assert e == want
+
+
+def test_snakemake_lint_is_clean():
+    res = snakemake(["--lint"], check=False)
+    assert res.returncode == 0 and "good condition" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_wiring_rules(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    dag.check_wiring(load_config(p))
+    cfg = load_config(p, overrides={"eval_generator.embedded_nbp.generator": "embedded_ntp"})
+    with pytest.raises(ConfigError, match=r"eval_generator\.embedded_nbp\.generator: must be 'embedded_nbp'"):
+        dag.check_wiring(cfg)
+    cfg = load_config(p, overrides={"run.generators": ["ucf_base_nbp16"]})
+    with pytest.raises(ConfigError, match=r"'ucf101' is needed by `train_generator.ucf_base_nbp16`"):
+        dag.check_wiring(cfg)
+
+
+def test_launcher_commands():
+    assert dag.launcher("train_generator", 0) == "nbp"
+    assert dag.launcher("train_generator", 1) == "nbp"
+    assert dag.launcher("train_generator", 4) == "torchrun --standalone --nproc_per_node=4 -m nbp"
+    assert dag.launcher("eval_generator", 8) == "nbp"  # evaluation is one process
+    multi = dag.launcher("train_tokenizer", 8, nodes=2)
+    assert multi.startswith("srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
+    assert multi.endswith(" -m nbp")
