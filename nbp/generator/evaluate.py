@@ -1,0 +1,243 @@
+"""Stage ``eval_generator``: sample videos from a generator, score them with gFVD, time them.
+
+Protocols (NBP.md section 6):
+
+- class-conditional (tasks ``class``, ``hybrid``; ``uncond`` draws no labels): ``num_videos`` labels drawn
+  from the label distribution of the real split that ``real_stats`` scored, generated, decoded with the
+  tokenizer, and compared with the real statistics (``{run.out}/real_stats/{entry}/stats.npz``);
+- frame prediction (``frame_pred``): ``num_videos`` real clips of that split, their first
+  ``1 + 4 (context_frames - 1)`` frames encoded (2 latent frames = 5 frames), the remaining tokens
+  generated, the whole grid decoded and scored at the real statistics' resolution (64 for K600).
+
+Timing is kept apart per phase: ``generate_seconds`` (the sampler), ``encode_seconds`` (context encoding),
+``decode_seconds`` (codes -> pixels); the I3D is timed as ``fvd_seconds``. ``fps`` = generated frames per
+second with tokenizer encode and decode included (the paper's Table 1); generated frames per video are the
+frames after the context (17 for class-conditional, 12 for K600). Each seed of ``seeds`` repeats the
+generation; ``gfvd`` is the mean, ``gfvd_std`` the sample standard deviation over seeds.
+
+Outputs (atomic): ``metrics.json``, ``samples.mp4`` and ``samples.gif`` (one video per class in label order,
+or real clips above their predictions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nbp.config import Config, to_dict
+from nbp.errors import NbpError
+from nbp.generator import LoadedGenerator, load_generator
+from nbp.generator.sampling import codes_of, prompt_ids
+from nbp.tracking import progress
+
+
+@dataclass
+class Timer:
+    """Wall time per phase (CUDA work is synchronised before the clock is read)."""
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "encode": 0.0, "decode": 0.0, "fvd": 0.0})
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] += time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class LazyClips:
+    """Clips ``index`` of a ClipCache, read when sliced: ``clips[lo:hi]`` -> uint8 [b, T, H, W, 3]."""
+
+    def __init__(self, cache, index: np.ndarray):
+        self.cache, self.index = cache, np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return self.cache.batch(self.index[s])
+
+
+def context_pixel_frames(latent_frames: int, temporal_factor: int = 4) -> int:
+    """Pixel frames that ``latent_frames`` causal latent frames cover (2 -> 5)."""
+    return 1 + (latent_frames - 1) * temporal_factor if latent_frames else 0
+
+
+def draw_labels(real_labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` labels drawn (with replacement) from the empirical label distribution of the real clips."""
+    return np.random.default_rng(seed).choice(np.asarray(real_labels, dtype=np.int64), size=n, replace=True)
+
+
+@torch.no_grad()
+def generate_videos(gen: LoadedGenerator, tok, *, labels: np.ndarray | None = None, context=None,
+                    num: int, batch_size: int, seed: int, device: torch.device, timer: Timer, sampling: dict,
+                    temporal_factor: int = 4, desc: str = "generate"):
+    """Yield (videos float [b, 3, T, H, W] in [0, 1], labels [b] or None, context clips uint8 or None) per batch.
+
+    ``context``: real clips uint8 [num, T, H, W, 3] (or a :class:`LazyClips`) for frame prediction; their first
+    frames are encoded.
+    """
+    task = gen.task
+    rng = torch.Generator(device=device).manual_seed(seed)
+    cf = context_pixel_frames(task.context_frames, temporal_factor)
+    for lo in progress(range(0, num, batch_size), desc=desc, leave=False):
+        hi = min(lo + batch_size, num)
+        lab = ctx = None
+        if task.task == "frame_pred":
+            ctx = context[lo:hi]
+            clip = torch.from_numpy(np.ascontiguousarray(ctx[:, :cf])).to(device)  # [b, cf, H, W, 3]
+            clip = clip.permute(0, 4, 1, 2, 3).float().div_(255.0)  # [b, 3, cf, H, W]
+            with timer("encode"):
+                codes = tok.encode_codes(clip).long()  # [b, context_frames, H', W']
+            prompt = prompt_ids(task, context=codes)
+        elif task.task == "uncond":
+            prompt = prompt_ids(task, batch=hi - lo).to(device)
+        else:
+            lab = labels[lo:hi]
+            prompt = prompt_ids(task, labels=torch.as_tensor(lab, device=device))
+        with timer("generate"):
+            ids = gen.generate(prompt.to(device), generator=rng, **sampling)
+        with timer("decode"):
+            videos = tok.decode_codes(codes_of(task, ids))  # [b, 3, T, H, W]
+        yield videos, lab, ctx
+
+
+class GridPicker:
+    """Keeps only the videos of the sample grid: the first video of each class (shown in label order), or the
+    first ``n`` videos (with their real clips above them for frame prediction)."""
+
+    def __init__(self, n: int):
+        self.n, self.by_label, self.videos, self.real = n, {}, [], []
+
+    def add(self, videos: np.ndarray, labels: np.ndarray | None, context: np.ndarray | None) -> None:
+        if labels is not None:
+            for v, lab in zip(videos, labels.tolist()):
+                if len(self.by_label) < self.n:
+                    self.by_label.setdefault(lab, v)
+            return
+        take = self.n - len(self.videos)
+        self.videos += list(videos[:take])
+        if context is not None:
+            self.real += list(context[:take])
+
+    def grid(self) -> tuple[np.ndarray, int, list[int]]:
+        """(clips uint8 [N, T, H, W, 3], columns, labels shown)."""
+        if self.by_label:
+            labs = sorted(self.by_label)
+            return np.stack([self.by_label[k] for k in labs]), len(labs), labs
+        clips = self.videos + self.real
+        return np.stack(self.real + self.videos if self.real else clips), len(self.videos), []
+
+
+def write_grid(out: Path, videos: np.ndarray, fps: float, ncols: int) -> None:
+    from nbp.data.video_io import video_grid, write_gif, write_video
+
+    grid = video_grid(videos, ncols=ncols)
+    write_video(out / "samples.mp4", grid, fps=fps)
+    write_gif(out / "samples.gif", grid, fps=fps)
+
+
+def run_eval_generator(cfg: Config, name: str) -> Path:
+    """Evaluate one ``eval_generator`` entry -> ``{run.out}/eval_generator/{name}/``."""
+    from nbp.data.clips import ClipCache
+    from nbp.data.video_io import to_uint8_video
+    from nbp.distributed import resolve_device
+    from nbp.generator.train import device_name
+    from nbp.io import atomic_dir, write_json
+    from nbp.metrics import fvd
+    from nbp.metrics.detector import I3D_FILENAME
+    from nbp.tokenizer import load_tokenizer
+
+    ec = cfg.entry("eval_generator", name)
+    g = cfg.entry("train_generator", ec.generator)
+    rs = cfg.entry("real_stats", ec.real_stats)
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+
+    gen_path = cfg.out_dir("train_generator", ec.generator) / "generator.pt"
+    if not gen_path.is_file():
+        raise NbpError(f"{gen_path}: not found (run `nbp train_generator {ec.generator}` first)")
+    gen = load_generator(gen_path, device)
+    tok_name = cfg.tokenize[g.tokens].tokenizer
+    tok_path = cfg.out_dir("train_tokenizer", tok_name) / "tokenizer.pt"
+    if not tok_path.is_file():
+        raise NbpError(f"{tok_path}: not found (run `nbp train_tokenizer {tok_name}` first)")
+    tok = load_tokenizer(tok_path, device)
+    if tok.vocab_size != gen.task.video_vocab:
+        raise NbpError(f"{gen_path}: generator codes ({gen.task.video_vocab}) do not match {tok_path} ({tok.vocab_size})")
+    stats_path = cfg.out_dir("real_stats", ec.real_stats) / "stats.npz"
+    mu_real, sigma_real = fvd.load_stats(stats_path)
+    weights = cfg.out_dir("fetch_detector") / I3D_FILENAME
+    if not weights.is_file():
+        raise NbpError(f"{weights}: I3D weights missing (run `nbp fetch_detector` first)")
+    i3d = fvd.get_i3d(weights, device)
+
+    task = gen.task
+    cache = ClipCache(cfg.out_dir("prepare", rs.dataset), rs.split)
+    num = ec.num_videos
+    labels = context = None
+    if task.task in ("class", "hybrid"):
+        labels = draw_labels(cache.labels, num, cfg.run.seed)
+        if labels.max() >= task.num_classes:
+            raise NbpError(f"{stats_path}: real labels go up to {labels.max()}, the generator knows {task.num_classes} classes")
+    elif task.task == "frame_pred":
+        index = np.resize(fvd.choose_clips(cache.video_ids, num, cfg.run.seed), num)  # repeats when the split is smaller
+        context = LazyClips(cache, index)  # read per batch: 50,000 K600 clips do not fit in memory
+    sampling = dict(temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p, cfg=ec.cfg or None, cfg_schedule=ec.cfg_schedule)
+    tf = tok.config.temporal_factor
+    timer = Timer(device)
+    per_seed, picker = [], GridPicker(ec.grid_videos)
+    for k, seed in enumerate(ec.seeds):
+        feats = []
+        for videos, lab, ctx in generate_videos(gen, tok, labels=labels, context=context, num=num, batch_size=ec.batch_size,
+                                                seed=seed, device=device, timer=timer, sampling=sampling, temporal_factor=tf,
+                                                desc=f"eval_generator {name} seed {seed}"):
+            with timer("fvd"):
+                feats.append(fvd.fvd_features_of_clips(videos, resolution=rs.resolution, batch_size=rs.batch_size,
+                                                       device=device, frames=rs.frames, model=i3d))
+            if k == 0:
+                picker.add(to_uint8_video(videos), lab, ctx)
+        mu, sigma = fvd.feature_stats(np.concatenate(feats))
+        per_seed.append(fvd.frechet_distance_from_stats(mu, sigma, mu_real, sigma_real))
+    clips, ncols, shown = picker.grid()
+    frames_per_video = clips.shape[1] - context_pixel_frames(task.context_frames, tf)
+    total = num * len(ec.seeds)
+    s = timer.seconds
+    busy = s["generate"] + s["encode"] + s["decode"]
+    gfvd = float(np.mean(per_seed))
+    names = {int(c["label"]): c["name"] for c in cache.classes}
+    metrics = {
+        "gfvd": gfvd, "gfvd_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "gfvd_per_seed": per_seed, "seeds": list(ec.seeds), "steps": task.steps,
+        "tokens_per_video": task.num_tokens - task.context_len, "num_videos": num, "frames_per_video": frames_per_video,
+        "generate_seconds": round(s["generate"], 3), "encode_seconds": round(s["encode"], 3),
+        "decode_seconds": round(s["decode"], 3), "fvd_seconds": round(s["fvd"], 3),
+        "fps": total * frames_per_video / busy, "samples_per_second": total / busy,
+        "generate_fps": total * frames_per_video / s["generate"], "device": device_name(device),
+        "task": task.task, "block": list(task.layout.block), "grid": list(task.layout.grid),
+        "protocol": {"real_stats": str(stats_path), "frames": rs.frames, "resolution": rs.resolution,
+                     "context_frames": context_pixel_frames(task.context_frames, tf)},
+        "sampling": sampling, "generator": str(gen_path), "tokenizer": str(tok_path), "eval_config": to_dict(ec),
+        "samples": ([names.get(k, str(k)) for k in shown] if shown else
+                    "top: real clips, bottom: their predictions" if task.task == "frame_pred" else "unconditional samples"),
+    }
+    fps_video = cfg.prepare[rs.dataset].fps
+    with atomic_dir(cfg.out_dir("eval_generator", name)) as tmp:
+        write_grid(tmp, clips, fps_video, ncols=ncols)
+        write_json(tmp / "metrics.json", metrics)
+    print(f"eval_generator {name}: gFVD {gfvd:.1f}" + (f" +- {metrics['gfvd_std']:.1f}" if len(per_seed) > 1 else "")
+          + f", {task.steps} steps, {metrics['fps']:.2f} frames/s ({metrics['device']})")
+    return cfg.out_dir("eval_generator", name)
