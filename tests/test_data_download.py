@@ -346,18 +346,24 @@ def test_download_k600_end_to_end(server, tmp_path, monkeypatch):
         parts[f"/k600/train/part_{i}.tar.gz"] = _tar(tmp_path / f"p{i}.tgz", [(v, "file", v.encode()) for v in vids]).read_bytes()
     server.files.update(parts)
     server.files["/k600/train/k600_train_path.txt"] = "".join(f"{server.url}{p}\n" for p in parts).encode()
+    # the val split's archive has the same file name as a train one
+    val_part = _tar(tmp_path / "v0.tgz", [("vvvvvvvvvvv_000000_000010.mp4", "file", b"v")])
+    server.files["/k600/val/part_0.tar.gz"] = val_part.read_bytes()
+    server.files["/k600/val/k600_val_path.txt"] = f"{server.url}/k600/val/part_0.tar.gz\n".encode()
+    server.files["/k600/annotations/val.csv"] = b"label,youtube_id,time_start,time_end,split\nzumba,vvvvvvvvvvv,0,10,validate\n"
     server.files["/k600/annotations/train.csv"] = (
         b"label,youtube_id,time_start,time_end,split\nabseiling,aaaaaaaaaaa,0,10,train\n"
         b"zumba,bbbbbbbbbbb,5,15,train\nzumba,ccccccccccc,1,11,train\nzumba,ddddddddddd,1,11,train\n")
     cfg = _cfg(tmp_path, {"download.k600.urls": {"lists": f"{server.url}/k600", "annotations": f"{server.url}/k600/annotations"},
-                          "download.k600.splits": ["train"], "download.k600.keep_archives": False})
+                          "download.k600.keep_archives": False})
     D.run_download(cfg, "k600")
     out = tmp_path / "out" / "download" / "k600"
     ds = Kinetics600(out)
     assert [(v.video, v.label) for v in ds.videos("train")] == [
         ("aaaaaaaaaaa_000000_000010.mp4", 0), ("bbbbbbbbbbb_000005_000015.mp4", 1), ("ccccccccccc_000001_000011.mp4", 1)]
     assert ds.missing["train"] == 1
-    assert not list((tmp_path / "out" / "archives" / "k600" / "train").glob("*.tar.gz"))  # keep_archives: false
+    assert [(v.video, v.label) for v in ds.videos("val")] == [("vvvvvvvvvvv_000000_000010.mp4", 1)]
+    assert not list((tmp_path / "out" / "archives" / "k600").rglob("*.tar.gz"))  # keep_archives: false
 
 
 def test_cli_dry_run_flag(tmp_path):
@@ -367,3 +373,17 @@ def test_cli_dry_run_flag(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "dry run" in done.stdout and "would generate" in done.stdout and not (tmp_path / "out").exists()
+
+
+def test_local_copy_is_linked_not_fetched(tmp_path):
+    local = tmp_path / "UCF101-local"
+    (local / "UCF-101" / "YoYo").mkdir(parents=True)
+    (local / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi").write_bytes(b"")
+    (local / "ucfTrainTestlist").mkdir()
+    (local / "ucfTrainTestlist" / "classInd.txt").write_text("1 YoYo\n")
+    (local / "ucfTrainTestlist" / "testlist01.txt").write_text("YoYo/v_YoYo_g01_c01.avi\n")
+    D.run_download(_cfg(tmp_path, {"download.ucf101.root": str(local)}), "ucf101")
+    out = tmp_path / "out" / "download" / "ucf101"
+    assert (out / "UCF-101").is_symlink() and UCF101(out).videos("val")[0].class_text == "yo yo"
+    with pytest.raises(NbpError, match="not a k600 layout"):
+        D.run_download(_cfg(tmp_path, {"download.k600.root": str(local)}), "k600")

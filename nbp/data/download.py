@@ -321,7 +321,7 @@ def _extract_rar(archive: Path, root: Path) -> None:
     if unar and lsar:
         listing = subprocess.run([lsar, "-j", str(archive)], capture_output=True, text=True)
         if listing.returncode != 0:
-            raise NbpError(f"{archive}: lsar cannot read it ({listing.stderr.strip() or listing.stdout.strip()[:200]})")
+            raise NbpError(f"{archive}: not a readable RAR archive ({listing.stderr.strip()[:200] or 'lsar failed'})")
         entries = json.loads(listing.stdout).get("lsarContents", [])
         names, links = [], set()
         for e in entries:
@@ -337,19 +337,27 @@ def _extract_rar(archive: Path, root: Path) -> None:
         for rel in names:  # nothing may be written through a link of the same archive
             if any(parent in links for parent in rel.parents):
                 raise UnsafeArchiveError(f"{archive}: member {str(rel)!r} would be written through a link; refusing to extract")
-        cmd = [unar, "-q", "-f", "-D", "-no-recursion", "-forks", "skip", "-o", str(root), str(archive)]
+        cmd = [unar, "-f", "-D", "-no-recursion", "-forks", "skip", "-o", str(root), str(archive)]  # one line per file
+        total = len(entries)
     elif bsdtar:  # libarchive's defaults refuse '..', absolute paths and writing through links
         listing = subprocess.run([bsdtar, "-tf", str(archive)], capture_output=True, text=True)
         if listing.returncode != 0:
             raise NbpError(f"{archive}: bsdtar cannot read it ({listing.stderr.strip()[:200]})")
         for name in listing.stdout.splitlines():
             _member_path(archive, name)
-        cmd = [bsdtar, "-xf", str(archive), "-C", str(root), "--no-same-owner"]
+        cmd = [bsdtar, "-xvf", str(archive), "-C", str(root), "--no-same-owner"]  # -v: one line per file
+        total = len(listing.stdout.splitlines())
     else:
         raise NbpError(f"{archive}: extracting RAR needs `unar` or `bsdtar` (Debian: apt-get install unar)")
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise NbpError(f"{archive}: extraction failed ({(done.stderr or done.stdout).strip()[:300]})")
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc, \
+            progress(total=total, desc=f"extract {archive.name}", unit="file") as bar:
+        for line in proc.stdout:
+            tail = (tail + [line.strip()])[-5:]
+            if line.startswith(("  ", "x ")) or cmd[0] == bsdtar:
+                bar.update()
+    if proc.returncode != 0:
+        raise NbpError(f"{archive}: extraction failed ({' | '.join(tail)[:300]})")
 
 
 def safe_extract(archive: str | Path, dest: str | Path) -> Path:
@@ -526,7 +534,7 @@ def run_download(cfg, name: str, dry_run: bool = False) -> None:
     staging = archives / "staging"
     marks = archives / "extracted"
     for it in items:
-        mark = marks / (it.file.name + ".ok")
+        mark = marks / (str(it.file.relative_to(archives)).replace(os.sep, "__") + ".ok")  # k600 parts share names
         if it.extract_to and mark.is_file() and staging.is_dir():
             continue  # extracted by an earlier (interrupted) run
         fetch(it.url, it.file, lock=lock)
