@@ -121,6 +121,15 @@ def test_write_mp4_and_gif_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))  # atomic: no leftovers
 
 
+def test_mp4_falls_back_to_mpeg4_without_an_h264_encoder(tmp_path, monkeypatch):
+    monkeypatch.setitem(V._CODECS, ".mp4", ("no_such_h264_encoder", "mpeg4"))
+    video = np.stack([index_frame(i) for i in range(6)])
+    p = V.write_video(tmp_path / "fallback.mp4", video, fps=8)
+    with av.open(str(p)) as c:
+        assert c.streams.video[0].codec_context.name == "mpeg4"
+    assert [frame_index(f) for f in V.read_video(p)] == list(range(6))
+
+
 def test_write_avi_is_xvid_and_odd_sizes_are_padded(tmp_path):
     video = np.full((5, 33, 47, 3), 128, np.uint8)
     p = V.write_video(tmp_path / "odd.avi", video, fps=25)

@@ -155,7 +155,7 @@ def _transfer(url: str, part: Path, timeout: float) -> None:
         total = offset + int(length) if length and length.isdigit() else None
         with open(part, mode) as f, progress(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                                              desc=part.name.removesuffix(".part")) as bar:
-            while chunk := resp.read(CHUNK):
+            while chunk := resp.read1(CHUNK):  # what has arrived: kept even if the connection then breaks
                 f.write(chunk)
                 bar.update(len(chunk))
         if total is not None and part.stat().st_size < total:
