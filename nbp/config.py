@@ -204,6 +204,7 @@ class EvalGeneratorConfig:
     cfg_schedule: Literal["constant", "linear"] = "constant"
     seeds: list[int] = field(default_factory=lambda: [0])
     grid_videos: int = 8
+    untrained_baseline: bool = False  # also score a freshly initialised model of the same size (gfvd_untrained)
 
 
 @dataclass(frozen=True)

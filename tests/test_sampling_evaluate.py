@@ -69,6 +69,7 @@ def _write_upstream(out: Path, task_name: str):
     layout = BlockLayout(GRID, (1, 1, 2))
     task = TaskLayout(task_name, layout, tok.vocab_size, num_classes=CLASSES if task_name == "class" else 0,
                       context_frames=2 if task_name == "frame_pred" else 0)
+    torch.manual_seed(0)  # = run.seed: eval's untrained baseline initialises this very model
     model = GPT(GPTConfig(vocab_size=task.vocab_size, n_positions=128, n_layer=1, n_head=2, n_embd=32, cond_len=task.cond_len))
     save_checkpoint(out / "train_generator" / "embedded_nbp" / "generator.pt",
                     {"format": FORMAT, "version": 1, "config": model.config.to_dict(), "model": model.state_dict(),
@@ -103,7 +104,7 @@ def test_class_conditional_eval(tmp_path, standin):
     d = out / "eval_generator" / "embedded_nbp"
     m = json.loads((d / "metrics.json").read_text())
     assert m["steps"] == 10 and m["num_videos"] == 8 and m["frames_per_video"] == FRAMES and m["tokens_per_video"] == 20
-    assert len(m["gfvd_per_seed"]) == 2 and m["gfvd_per_seed"][0] != m["gfvd_per_seed"][1]
+    assert len(m["gfvd_per_seed"]) == 2 and m["gfvd_per_seed"][0] != m["gfvd_per_seed"][1] and m["gfvd_untrained"] is None
     assert m["gfvd"] == pytest.approx(np.mean(m["gfvd_per_seed"]))
     assert m["gfvd_std"] == pytest.approx(np.std(m["gfvd_per_seed"], ddof=1))
     busy = m["generate_seconds"] + m["encode_seconds"] + m["decode_seconds"]
@@ -158,8 +159,10 @@ def test_frame_prediction_conditions_on_the_encoded_first_frames(tmp_path, stand
     assert torch.equal(seen[0][:, :2], expect.long())  # the context latent frames are kept as given
     assert timer.seconds["encode"] > 0
 
-    run_eval_generator(_cfg(out, **{"eval_generator.embedded_nbp.seeds": [0]}), "embedded_nbp")
+    run_eval_generator(_cfg(out, **{"eval_generator.embedded_nbp.seeds": [0],
+                                    "eval_generator.embedded_nbp.untrained_baseline": True}), "embedded_nbp")
     m = json.loads((out / "eval_generator" / "embedded_nbp" / "metrics.json").read_text())
+    assert m["gfvd_untrained"] == pytest.approx(m["gfvd_per_seed"][0], rel=1e-9)  # the checkpoint is that untrained model
     assert m["steps"] == 6 and m["frames_per_video"] == 12 and m["tokens_per_video"] == 12 and m["encode_seconds"] > 0
     grid = read_video(out / "eval_generator" / "embedded_nbp" / "samples.mp4")
     assert grid.shape[1] == 2 + 2 * (RES + 2) and grid.shape[2] == 2 + 3 * (RES + 2)  # real row above the predictions

@@ -13,7 +13,9 @@ Timing is kept apart per phase: ``generate_seconds`` (the sampler), ``encode_sec
 ``decode_seconds`` (codes -> pixels); the I3D is timed as ``fvd_seconds``. ``fps`` = generated frames per
 second with tokenizer encode and decode included (the paper's Table 1); generated frames per video are the
 frames after the context (17 for class-conditional, 12 for K600). Each seed of ``seeds`` repeats the
-generation; ``gfvd`` is the mean, ``gfvd_std`` the sample standard deviation over seeds.
+generation; ``gfvd`` is the mean, ``gfvd_std`` the sample standard deviation over seeds. With
+``untrained_baseline``, a freshly initialised model of the same size is scored the same way (first seed) as
+``gfvd_untrained`` (null otherwise).
 
 Outputs (atomic): ``metrics.json``, ``samples.mp4`` and ``samples.gif`` (one video per class in label order,
 or real clips above their predictions).
@@ -199,19 +201,32 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
     sampling = dict(temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p, cfg=ec.cfg or None, cfg_schedule=ec.cfg_schedule)
     tf = tok.config.temporal_factor
     timer = Timer(device)
-    per_seed, picker = [], GridPicker(ec.grid_videos)
-    for k, seed in enumerate(ec.seeds):
-        feats = []
-        for videos, lab, ctx in generate_videos(gen, tok, labels=labels, context=context, num=num, batch_size=ec.batch_size,
-                                                seed=seed, device=device, timer=timer, sampling=sampling, temporal_factor=tf,
-                                                desc=f"eval_generator {name} seed {seed}"):
-            with timer("fvd"):
-                feats.append(fvd.fvd_features_of_clips(videos, resolution=rs.resolution, batch_size=rs.batch_size,
-                                                       device=device, frames=rs.frames, model=i3d))
-            if k == 0:
-                picker.add(to_uint8_video(videos), lab, ctx)
-        mu, sigma = fvd.feature_stats(np.concatenate(feats))
-        per_seed.append(fvd.frechet_distance_from_stats(mu, sigma, mu_real, sigma_real))
+    picker = GridPicker(ec.grid_videos)
+
+    def score(model: LoadedGenerator, seeds: list[int], timer: Timer, keep: GridPicker | None, what: str) -> list[float]:
+        out = []
+        for k, seed in enumerate(seeds):
+            feats = []
+            for videos, lab, ctx in generate_videos(model, tok, labels=labels, context=context, num=num, batch_size=ec.batch_size,
+                                                    seed=seed, device=device, timer=timer, sampling=sampling, temporal_factor=tf,
+                                                    desc=f"eval_generator {what} seed {seed}"):
+                with timer("fvd"):
+                    feats.append(fvd.fvd_features_of_clips(videos, resolution=rs.resolution, batch_size=rs.batch_size,
+                                                           device=device, frames=rs.frames, model=i3d))
+                if k == 0 and keep is not None:
+                    keep.add(to_uint8_video(videos), lab, ctx)
+            mu, sigma = fvd.feature_stats(np.concatenate(feats))
+            out.append(fvd.frechet_distance_from_stats(mu, sigma, mu_real, sigma_real))
+        return out
+
+    per_seed = score(gen, list(ec.seeds), timer, picker, name)
+    untrained = None
+    if ec.untrained_baseline:  # the same architecture and sampling, freshly initialised (seeded by run.seed)
+        from nbp.generator.model import GPT
+
+        torch.manual_seed(cfg.run.seed)
+        fresh = LoadedGenerator(GPT(gen.model.config).to(device).eval(), task)
+        untrained = score(fresh, list(ec.seeds)[:1], Timer(device), None, f"{name} (untrained)")[0]
     clips, ncols, shown = picker.grid()
     frames_per_video = clips.shape[1] - context_pixel_frames(task.context_frames, tf)
     total = num * len(ec.seeds)
@@ -221,7 +236,7 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
     names = {int(c["label"]): c["name"] for c in cache.classes}
     metrics = {
         "gfvd": gfvd, "gfvd_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-        "gfvd_per_seed": per_seed, "seeds": list(ec.seeds), "steps": task.steps,
+        "gfvd_per_seed": per_seed, "seeds": list(ec.seeds), "gfvd_untrained": untrained, "steps": task.steps,
         "tokens_per_video": task.num_tokens - task.context_len, "num_videos": num, "frames_per_video": frames_per_video,
         "generate_seconds": round(s["generate"], 3), "encode_seconds": round(s["encode"], 3),
         "decode_seconds": round(s["decode"], 3), "fvd_seconds": round(s["fvd"], 3),
@@ -239,5 +254,6 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
         write_grid(tmp, clips, fps_video, ncols=ncols)
         write_json(tmp / "metrics.json", metrics)
     print(f"eval_generator {name}: gFVD {gfvd:.1f}" + (f" +- {metrics['gfvd_std']:.1f}" if len(per_seed) > 1 else "")
+          + (f" (untrained: {untrained:.1f})" if untrained is not None else "")
           + f", {task.steps} steps, {metrics['fps']:.2f} frames/s ({metrics['device']})")
     return cfg.out_dir("eval_generator", name)
