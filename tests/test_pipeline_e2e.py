@@ -1,0 +1,73 @@
+"""The whole DAG on a tiny parameter set, through `dvc repro` and through `snakemake -c2`, each in a fresh copy of
+the repository: everything runs once, a second run does nothing, and changing one tokenizer parameter reruns
+exactly the stages downstream of the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from pipeline_helpers import (
+    ALL_STAGES,
+    EXPECTED_RERUN,
+    TOKENIZER_CHANGE,
+    check_results,
+    dvc,
+    ran_dvc,
+    ran_snakemake,
+    set_params,
+    snakemake,
+    tiny_repo,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_dvc_repro_end_to_end(tmp_path, record_property):
+    repo = tiny_repo(tmp_path)
+    t0 = time.monotonic()
+    res = dvc(["repro"], repo)
+    record_property("dvc_first_run_s", round(time.monotonic() - t0, 1))
+    assert ran_dvc(res.stdout) == ALL_STAGES
+    check_results(repo)
+    assert (repo / "dvc.lock").is_file()
+
+    t0 = time.monotonic()
+    res = dvc(["repro"], repo)
+    record_property("dvc_noop_s", round(time.monotonic() - t0, 1))
+    assert ran_dvc(res.stdout) == set(), res.stdout
+    assert "Data and pipelines are up to date" in res.stdout
+    assert "changed" not in dvc(["status"], repo).stdout
+
+    metrics = json.loads(dvc(["metrics", "show", "--json"], repo).stdout)
+    files = next(iter(metrics.values()))["data"]
+    assert "gfvd" in files["out/eval_generator/embedded_nbp/metrics.json"]["data"]
+    plots = json.loads(dvc(["plots", "show", "--json"], repo).stdout)
+    assert {"fps_vs_block_size", "fvd_vs_block_size", "out/train_generator/embedded_nbp/history.csv"} <= set(plots)
+
+    set_params(repo / "params.yaml", TOKENIZER_CHANGE)
+    res = dvc(["repro"], repo)
+    assert ran_dvc(res.stdout) == EXPECTED_RERUN, res.stdout
+
+
+def test_snakemake_end_to_end(tmp_path, record_property):
+    repo = tiny_repo(tmp_path)
+    t0 = time.monotonic()
+    res = snakemake(["-c2"], repo)
+    record_property("snakemake_first_run_s", round(time.monotonic() - t0, 1))
+    assert ran_snakemake(res.stderr + res.stdout) == ALL_STAGES
+    check_results(repo)
+    for stage in ("train_tokenizer/embedded", "eval_generator/embedded_ntp", "fetch_detector", "tables"):
+        assert (repo / "logs" / f"{stage}.log").is_file(), stage
+
+    t0 = time.monotonic()
+    res = snakemake(["-c2"], repo)
+    record_property("snakemake_noop_s", round(time.monotonic() - t0, 1))
+    assert "Nothing to be done" in res.stdout + res.stderr, res.stderr[-3000:]
+
+    set_params(repo / "params.yaml", TOKENIZER_CHANGE)
+    planned = ran_snakemake(snakemake(["-n", "-c2"], repo).stdout)
+    assert planned == EXPECTED_RERUN
+    res = snakemake(["-c2"], repo)
+    assert ran_snakemake(res.stderr + res.stdout) == EXPECTED_RERUN
