@@ -110,3 +110,20 @@ def test_positions_beyond_slots_raise():
     m = _model(t)
     with pytest.raises(ValueError, match="exceed"):
         m(torch.zeros(1, 4, dtype=torch.long), None, start=t.seq_len - 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled FlexAttention)")
+def test_compiled_flex_matches_sdpa_on_cuda_with_gradients():
+    t = _task("hybrid", (1, 1, 4), grid=(4, 8, 8))
+    m = _model(t).cuda().train()
+    inp, tgt = _batch(t)
+    inp, tgt = inp.cuda(), tgt.cuda()
+    grads = []
+    for mask in (t.dense_mask(device="cuda"), t.block_mask(device="cuda")):
+        m.zero_grad()
+        logits = m(inp, mask)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100).backward()
+        grads.append((logits.detach(), m.blocks[0].attn.query.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-3)

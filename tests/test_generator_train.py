@@ -205,3 +205,17 @@ def test_deepspeed_zero2_step_on_cpu(tmp_path):
         torch.testing.assert_close(zero2["model"][k], plain["model"][k], atol=2e-5, rtol=1e-4)
     gen = load_generator(tmp_path / "zero2" / "train_generator" / "embedded_nbp" / "generator.pt")
     assert gen.model.head.weight.shape[0] == gen.task.vocab_size
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_bf16_flex(tmp_path):
+    make_shards(tmp_path)
+    o = settings(tmp_path, steps=30, val_every=10, dropout=0.0, cond_dropout=0.2, checkpoint_every=10, flex_attention=True,
+                 bf16=True)
+    o["run.device"] = "cuda"
+    run_train_generator(load_config(REPO / "params.yaml", o), "embedded_nbp", stop_at=15)
+    run_train_generator(load_config(REPO / "params.yaml", o), "embedded_nbp")  # resumes at 10 (CUDA RNG restored)
+    hist = pd.read_csv(tmp_path / "train_generator" / "embedded_nbp" / "history.csv")
+    assert list(hist.step) == [10, 20, 30] and hist.val_loss.iloc[-1] < hist.val_loss.iloc[0] - 0.5
+    assert "cuda" in json.loads((tmp_path / "train_generator" / "embedded_nbp" / "metrics.json").read_text())["device"]

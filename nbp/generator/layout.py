@@ -153,6 +153,7 @@ def flex_block_mask(bid: torch.Tensor, q_len: int | None = None, kv_len: int | N
     L = bid.numel()
     q_len = L - q_offset if q_len is None else q_len
     kv_len = L if kv_len is None else kv_len
+    device = device or "cpu"  # create_block_mask's own default is "cuda"
     bid = bid.to(device)
     return create_block_mask(block_mask_mod(bid, q_offset), None, None, q_len, kv_len, device=device)
 
