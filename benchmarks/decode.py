@@ -132,6 +132,8 @@ def main(argv=None) -> int:
             print(f"{name}: first {r['first'] * 1e3:.1f} ms, middle {r['middle'] * 1e3:.1f} ms, middle without seeking "
                   f"{r['middle_no_seek'] * 1e3:.1f} ms, whole video {r['whole'] * 1e3:.0f} ms")
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if hasattr(os, "getloadavg"):
+        cpu += f", load average {os.getloadavg()[0]:.1f} at the end (other work on the machine inflates times)"
     lines = [
         f"One 17-frame clip at 8 fps (51 source frames), resized to {a.size}x{a.size}, from a {SECONDS} s {W}x{H} video at "
         f"{FPS} fps (key frame every 250 frames), best of {a.repeats} runs, one process, PyAV {av.__version__}, {cpu}. "
