@@ -24,10 +24,13 @@ STAGES: dict[str, tuple[str, str, str | None]] = {
     "prepare": ("nbp.data.prepare:run_prepare", "decode and resize clips once into a uint8 clip cache", "datasets"),
     "real_stats": ("nbp.metrics.fvd:run_real_stats", "I3D feature statistics of real clips (FVD reference)", "datasets"),
     "train_tokenizer": ("nbp.tokenizer.train:run_train_tokenizer", "train (or import) a video tokenizer", "tokenizers"),
-    "eval_tokenizer": ("nbp.tokenizer.evaluate:run_eval_tokenizer", "rFVD, PSNR, SSIM, codebook usage of a tokenizer", "tokenizers"),
+    "eval_tokenizer": (
+        "nbp.tokenizer.evaluate:run_eval_tokenizer", "rFVD, PSNR, SSIM, codebook usage of a tokenizer", "tokenizers"),
     "tokenize": ("nbp.generator.tokenize:run_tokenize", "encode the clip cache into token shards once", "tokenizers"),
-    "train_generator": ("nbp.generator.train:run_train_generator", "train (or import) an NBP/NTP generator", "generators"),
-    "eval_generator": ("nbp.generator.evaluate:run_eval_generator", "sample videos; gFVD, steps, frames per second", "generators"),
+    "train_generator": (
+        "nbp.generator.train:run_train_generator", "train (or import) an NBP/NTP generator", "generators"),
+    "eval_generator": (
+        "nbp.generator.evaluate:run_eval_generator", "sample videos; gFVD, steps, frames per second", "generators"),
     "tables": ("nbp.tables:run_tables", "gather metrics into the paper's tables in results/", None),
 }
 

@@ -7,7 +7,8 @@ W&B runs offline unless ``WANDB_MODE=online`` is set (or params ``run.wandb.mode
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 
