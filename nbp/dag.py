@@ -44,8 +44,12 @@ FAMILIES = {
     "generators": ("train_generator", "eval_generator"),
 }
 DETECTOR = "i3d-kinetics-400.ckpt"
+# Code dependencies. Not tracked (they cannot change a stage's outputs): the CLI and package entry points
+# (nbp/__init__.py, nbp/__main__.py, nbp/cli.py), error types (nbp/errors.py), progress bars and W&B (nbp/tracking.py).
+# tests/test_pipeline_e2e.py records the nbp modules each stage really imports and checks they are covered.
+UNTRACKED_CODE = ("nbp/__init__.py", "nbp/__main__.py", "nbp/cli.py", "nbp/errors.py", "nbp/tracking.py")
 COMMON_CODE = ("nbp/config.py", "nbp/io.py")
-TRAIN_CODE = ("nbp/checkpoint.py", "nbp/distributed.py", "nbp/tracking.py")
+TRAIN_CODE = ("nbp/checkpoint.py", "nbp/distributed.py")
 
 
 # --------------------------------------------------------------------------------------
@@ -108,35 +112,37 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("download", "datasets", ("nbp/data",), params=("download.{entry}",), cache=False,
           desc="fetch (or generate, for the embedded set) a dataset in its source layout"),
-    Stage("fetch_detector", None, ("nbp/metrics/detector.py",), params=("fetch_detector",), outs=(DETECTOR,),
+    Stage("fetch_detector", None, ("nbp/metrics/__init__.py", "nbp/metrics/detector.py"), params=("fetch_detector",),
+          outs=(DETECTOR,),
           desc="the I3D weights for FVD, sha256-checked"),
     Stage("prepare", "datasets", ("nbp/data",), (Upstream("download"),), ("prepare.{entry}",), cache=False,
           desc="decode and resize clips once into a uint8 clip cache"),
-    Stage("real_stats", "datasets", ("nbp/metrics", "nbp/data"),
+    Stage("real_stats", "datasets", ("nbp/metrics", "nbp/data", "nbp/distributed.py"),
           (Upstream("prepare"), Upstream("fetch_detector", (DETECTOR,))), ("real_stats.{entry}",),
           desc="I3D feature statistics of real clips (the FVD reference)"),
-    Stage("train_tokenizer", "tokenizers", ("nbp/tokenizer", "nbp/data") + TRAIN_CODE,
+    Stage("train_tokenizer", "tokenizers", ("nbp/tokenizer", "nbp/data", "nbp/metrics") + TRAIN_CODE,
           (Upstream("prepare", via=_tok_dataset, via_key="train_tokenizer.{entry}.dataset"),),
           ("train_tokenizer.{entry}",), outs=("tokenizer.pt",), metrics=("metrics.json",),
           plots=(("history.csv", {"x": "step"}),), launch="torchrun",
           desc="train (or import) a video tokenizer"),
-    Stage("eval_tokenizer", "tokenizers", ("nbp/tokenizer", "nbp/metrics", "nbp/data"),
+    Stage("eval_tokenizer", "tokenizers", ("nbp/tokenizer", "nbp/metrics", "nbp/data") + TRAIN_CODE,
           (Upstream("train_tokenizer", ("tokenizer.pt",)),
            Upstream("prepare", via=_tok_dataset, via_key="train_tokenizer.{entry}.dataset"),
            Upstream("fetch_detector", (DETECTOR,))),
           ("eval_tokenizer.{entry}",), outs=("recon.mp4", "recon.gif"), metrics=("metrics.json",),
           desc="rFVD, PSNR, SSIM, codebook usage of a tokenizer"),
-    Stage("tokenize", "tokenizers", ("nbp/generator/tokenize.py", "nbp/tokenizer", "nbp/data"),
+    Stage("tokenize", "tokenizers", ("nbp/generator/__init__.py", "nbp/generator/data.py", "nbp/generator/tokenize.py",
+                                  "nbp/tokenizer", "nbp/data") + TRAIN_CODE,
           (Upstream("train_tokenizer", ("tokenizer.pt",)),
            Upstream("prepare", via=_tok_dataset, via_key="train_tokenizer.{entry}.dataset")),
           ("tokenize.{entry}",), cache=False,
           desc="encode the clip cache into token shards once"),
-    Stage("train_generator", "generators", ("nbp/generator",) + TRAIN_CODE,
+    Stage("train_generator", "generators", ("nbp/generator", "nbp/data") + TRAIN_CODE,
           (Upstream("tokenize", via=_gen_tokens, via_key="train_generator.{entry}.tokens"),),
           ("train_generator.{entry}",), outs=("generator.pt",), metrics=("metrics.json",),
           plots=(("history.csv", {"x": "step", "y": "val_loss"}),), launch="torchrun",
           desc="train (or import) an NBP / NTP generator"),
-    Stage("eval_generator", "generators", ("nbp/generator", "nbp/tokenizer", "nbp/metrics"),
+    Stage("eval_generator", "generators", ("nbp/generator", "nbp/tokenizer", "nbp/metrics", "nbp/data") + TRAIN_CODE,
           (Upstream("train_generator", ("generator.pt",)),
            Upstream("tokenize", via=_gen_tokens, via_key="train_generator.{entry}.tokens"),
            Upstream("train_tokenizer", ("tokenizer.pt",), via=_gen_tokenizer, via_key="tokenize.<tokens>.tokenizer"),

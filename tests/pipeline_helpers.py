@@ -22,6 +22,8 @@ def env(repo: Path | None = None, **extra: str) -> dict[str, str]:
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     if repo is not None:
         e["PYTHONPATH"] = f"{repo}{os.pathsep}{e.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    if extra.get("NBP_TRACE_SITE"):
+        e["PYTHONPATH"] = f"{e['PYTHONPATH']}{os.pathsep}{extra['NBP_TRACE_SITE']}"
     e.update({"WANDB_MODE": "disabled", "NBP_PROGRESS": "0", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
     e.update(extra)
@@ -221,3 +223,45 @@ def check_results(repo: Path) -> None:
     assert (res / "block_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     gifs = sorted(p.name for p in (res / "samples").glob("*.gif"))
     assert gifs == ["embedded_nbp_samples.gif", "embedded_ntp_samples.gif", "embedded_recon.gif"], gifs
+
+
+# --------------------------------------------------------------------------------------
+# which nbp modules each stage process really imports (checked against the code deps of nbp/dag.py)
+
+_SITECUSTOMIZE = '''
+import atexit, json, os, sys
+
+def _nbp_import_trace():
+    mods = sorted({m.__file__ for n, m in list(sys.modules.items())
+                   if (n == "nbp" or n.startswith("nbp.")) and getattr(m, "__file__", None)})
+    path = os.path.join(os.environ["NBP_IMPORT_TRACE"], f"{os.getpid()}.json")
+    with open(path, "w") as f:
+        json.dump({"argv": sys.argv, "modules": mods}, f)
+
+if os.environ.get("NBP_IMPORT_TRACE"):
+    atexit.register(_nbp_import_trace)
+'''
+
+
+def import_trace_env(folder: Path) -> dict[str, str]:
+    """Environment that makes every Python process record the nbp modules it imported into ``folder``."""
+    site = folder / "site"
+    site.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    (folder / "records").mkdir()
+    return {"NBP_IMPORT_TRACE": str(folder / "records"), "NBP_TRACE_SITE": str(site)}
+
+
+def stage_imports(folder: Path, repo: Path) -> dict[str, set[str]]:
+    """stage -> repo-relative files of the nbp modules its processes imported."""
+    import json
+
+    out: dict[str, set[str]] = {}
+    for rec in (folder / "records").glob("*.json"):
+        d = json.loads(rec.read_text())
+        argv = d["argv"]
+        if len(argv) >= 2 and Path(argv[0]).name in ("nbp", "__main__.py"):
+            files = {str(Path(f).resolve().relative_to(repo.resolve())) for f in d["modules"]
+                     if Path(f).resolve().is_relative_to(repo.resolve())}
+            out.setdefault(argv[1], set()).update(files)
+    return out

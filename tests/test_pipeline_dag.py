@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from pipeline_helpers import (
@@ -28,22 +31,24 @@ def test_committed_dvc_yaml_is_generated_from_dag_py():
     assert "current" in res.stdout
 
 
-def _suite_repo(tmp_path, suite: str):
-    """A folder DVC resolves: the committed dvc.yaml, params.yaml switched to ``suite``."""
-    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / ".dvc").mkdir()
-    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
-    select(tmp_path / "params.yaml", suite)
-    return tmp_path
+@functools.cache
+def _dags(suite: str):
+    """params (switched to ``suite``), DVC's resolved stages and Snakemake's dry-run jobs, computed once per suite."""
+    repo = Path(tempfile.mkdtemp(prefix=f"nbp-dag-{suite}-"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+    (repo / ".dvc").mkdir()
+    (repo / ".dvc" / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
+    select(repo / "params.yaml", suite)
+    try:
+        return load_config(repo / "params.yaml"), dvc_dag(repo), snakemake_dag(["--configfile", str(repo / "params.yaml")])
+    finally:
+        shutil.rmtree(repo)
 
 
 @pytest.mark.parametrize("suite", ["embedded", "k600_ablations", "released"])
-def test_dvc_and_snakemake_dags_agree(tmp_path, suite):
-    repo = _suite_repo(tmp_path, suite)
-    cfg = load_config(repo / "params.yaml")
-    dv = dvc_dag(repo)
-    sm = snakemake_dag(["--configfile", str(repo / "params.yaml")])
+def test_dvc_and_snakemake_dags_agree(suite):
+    cfg, dv, sm = _dags(suite)
     assert set(dv) == set(sm), f"stages differ: dvc-only {set(dv) - set(sm)}, snakemake-only {set(sm) - set(dv)}"
     expected = {f"{s.name}@{e}" for s in dag.STAGES for e in dag.selected(cfg, s.name)}
     expected |= {s.name for s in dag.STAGES if s.is_global}
@@ -74,7 +79,7 @@ def test_dvc_and_snakemake_dags_agree(tmp_path, suite):
 
 def test_embedded_dag_shape():
     """The edges of the default DAG, written out by hand."""
-    e = edges_snakemake(snakemake_dag())
+    e = edges_snakemake(_dags("embedded")[2])
     want = {
         ("download@embedded", "prepare@embedded"), ("prepare@embedded", "real_stats@embedded"),
         ("fetch_detector", "real_stats@embedded"), ("prepare@embedded", "train_tokenizer@embedded"),

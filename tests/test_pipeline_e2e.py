@@ -14,24 +14,36 @@ from pipeline_helpers import (
     TOKENIZER_CHANGE,
     check_results,
     dvc,
+    import_trace_env,
     ran_dvc,
     ran_snakemake,
     set_params,
     snakemake,
+    stage_imports,
     tiny_repo,
 )
+
+from nbp import dag
 
 pytestmark = pytest.mark.slow
 
 
 def test_dvc_repro_end_to_end(tmp_path, record_property):
-    repo = tiny_repo(tmp_path)
+    repo = tiny_repo(tmp_path / "repo")
+    trace = import_trace_env(tmp_path / "trace")
     t0 = time.monotonic()
-    res = dvc(["repro"], repo)
+    res = dvc(["repro"], repo, **trace)
     record_property("dvc_first_run_s", round(time.monotonic() - t0, 1))
     assert ran_dvc(res.stdout) == ALL_STAGES
     check_results(repo)
     assert (repo / "dvc.lock").is_file()
+    # the code each stage really imported is among its declared code dependencies
+    imported = stage_imports(tmp_path / "trace", repo)
+    assert set(imported) == {s.name for s in dag.STAGES}, sorted(imported)
+    for stage, files in imported.items():
+        deps = dag.code_deps(stage) + dag.UNTRACKED_CODE
+        missing = sorted(f for f in files if not any(f == d or f.startswith(d + "/") for d in deps))
+        assert not missing, f"{stage} imports {missing}: add them to its code in nbp/dag.py"
 
     t0 = time.monotonic()
     res = dvc(["repro"], repo)
