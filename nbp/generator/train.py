@@ -211,11 +211,14 @@ class Trainer:
         self.state = TrainState()
 
     # ---- one optimizer step -------------------------------------------------------------
-    def forward_loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        codes, labels = self.train_data.batch(idx)
+    def inputs(self, data: TokenShards, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip indices -> (model input ids [b, L], next-block targets [b, L]) on the device."""
+        codes, labels = data.batch(idx)
         seq = self.task.layout.to_blocks(codes).to(self.device)  # [b, N] block order
-        cond = self.task.cond_ids(labels.to(self.device))
-        inp, tgt = self.task.train_inputs(seq, cond)  # [b, L], [b, L]
+        return self.task.train_inputs(seq, self.task.cond_ids(labels.to(self.device)))
+
+    def forward_loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        inp, tgt = self.inputs(self.train_data, idx)  # [b, L], [b, L]
         uncond = None
         if self.g.cond_dropout > 0 and self.task.cond_len > 0:
             uncond = torch.rand(inp.shape[0]) < self.g.cond_dropout  # global RNG: restored on resume
@@ -231,7 +234,7 @@ class Trainer:
             group["lr"] = lr
         self.net.train()
         micro_batches = self.order.micro_batches(step, self.dist.rank, self.dist.world_size, g.grad_accum)
-        sums = torch.zeros(3)
+        sums = torch.zeros(3, device=self.device)  # on the device: one sync per step, and nccl can reduce it
         for i, idx in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             if self.engine is not None:
@@ -243,7 +246,7 @@ class Trainer:
                 with sync:
                     loss, stats = self.forward_loss(idx)
                     (loss / g.grad_accum).backward()
-            sums += torch.stack([loss.detach().float().cpu(), stats["acc1"].cpu(), stats["acc5"].cpu()]) / g.grad_accum
+            sums += torch.stack([loss.detach().float(), stats["acc1"], stats["acc5"]]) / g.grad_accum
         if self.engine is None:
             if g.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)
@@ -252,7 +255,8 @@ class Trainer:
         if self.dist.enabled:
             dist.all_reduce(sums)
             sums /= self.dist.world_size
-        return {"loss": sums[0].item(), "acc1": sums[1].item(), "acc5": sums[2].item(), "lr": lr}
+        loss, acc1, acc5 = sums.tolist()
+        return {"loss": loss, "acc1": acc1, "acc5": acc5, "lr": lr}
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -261,16 +265,14 @@ class Trainer:
         world = self.dist.world_size
         n = min(len(self.val_data), self.g.val_clips) // world * world  # equal shares: every rank runs as many forwards
         mine = torch.arange(n)[self.dist.rank::world]
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for idx in mine.split(self.micro):
-            codes, labels = self.val_data.batch(idx)
-            seq = self.task.layout.to_blocks(codes).to(self.device)
-            inp, tgt = self.task.train_inputs(seq, self.task.cond_ids(labels.to(self.device)))
+            inp, tgt = self.inputs(self.val_data, idx)
             with self.amp:
                 logits = self.net(inp, self.mask)
             V = logits.shape[-1]
             loss = F.cross_entropy(logits.reshape(-1, V).float(), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum")
-            total += torch.stack([loss.double().cpu(), (tgt != IGNORE).sum().double().cpu()])
+            total += torch.stack([loss.double(), (tgt != IGNORE).sum().double()])
         if self.dist.enabled:
             dist.all_reduce(total)
         return (total[0] / total[1]).item()
