@@ -192,13 +192,16 @@ class GPT(nn.Module):
         return x + self.pos_emb[:, start:start + L]
 
     def forward(self, idx: torch.Tensor, mask=None, *, cache: KVCache | None = None, start: int = 0,
-                uncond: torch.Tensor | None = None) -> torch.Tensor:
+                uncond: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
         """idx [B, L] ids at positions start..start+L-1 -> logits [B, L, V].
 
         mask: bool [L, start+L] (True = may attend), a FlexAttention BlockMask, or None (full attention).
         uncond: bool [B], rows that get the unconditional embedding on the condition positions.
+        last: only the last ``last`` positions go through the head (sampling) -> logits [B, last, V].
         """
         x = self.drop(self.embed(idx, start, uncond))
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i, start)
+        if last is not None:
+            x = x[:, -last:]  # [B, last, C]
         return self.head(self.ln_f(x))

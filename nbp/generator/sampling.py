@@ -180,17 +180,19 @@ def step_mask(task: TaskLayout, start: int, length: int, device=None) -> torch.T
     return None if bool(rows.all()) else rows.to(device)
 
 
-def prefill(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, uncond: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompt [B, P] once into the cache -> logits [B, P, V]."""
+def prefill(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, uncond: torch.Tensor | None = None,
+            last: int | None = None) -> torch.Tensor:
+    """Run the prompt [B, P] once into the cache -> logits [B, P, V] (or of its ``last`` positions only)."""
     mask = task.dense_mask(ids.shape[1], device=ids.device)
-    return model(ids, mask, cache=cache, start=0, uncond=uncond)
+    return model(ids, mask, cache=cache, start=0, uncond=uncond, last=last)
 
 
 def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, start: int,
-                uncond: torch.Tensor | None = None) -> torch.Tensor:
-    """Feed ids [B, n] at positions start..start+n-1: they attend to the cache and to each other -> logits [B, n, V]."""
+                uncond: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+    """Feed ids [B, n] at positions start..start+n-1: they attend to the cache and to each other -> logits [B, n, V]
+    (or of the ``last`` positions only)."""
     mask = step_mask(task, start, ids.shape[1], ids.device)
-    return model(ids, mask, cache=cache, start=start, uncond=uncond)
+    return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last)
 
 
 # --------------------------------------------------------------------------------------
@@ -233,10 +235,10 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
         if on_step is not None:
             on_step(s)
         x = feed.repeat(2, 1) if guided else feed  # [rows, n]
-        logits = (prefill(model, task, x, cache, uncond) if s == 0 else decode_step(model, task, x, cache, pos, uncond))
+        n = p.groups[s]  # the last n fed positions predict the next group
+        logits = (prefill(model, task, x, cache, uncond, last=n) if s == 0 else
+                  decode_step(model, task, x, cache, pos, uncond, last=n))[..., lo:hi]  # [rows, n, V_video]
         pos += feed.shape[1]
-        n = p.groups[s]
-        logits = logits[:, -n:, lo:hi]  # [rows, n, V_video]: the last n positions predict the next group
         if guided:
             logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
         new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
