@@ -123,23 +123,33 @@ class TrainTokenizerConfig:
     source: Literal["train", "released"] = "train"
     checkpoint: Optional[str] = None  # released file (path or URL) when source == released
     preset: Literal["small", "base"] = "small"
+    channels: int | None = None  # overrides the preset's base width (stage widths = channels * channel_mult)
     temporal_factor: int = 4
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-4
+    min_lr: float = 0.0  # end of the cosine schedule
     warmup_steps: int = 100
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
+    hflip: bool = True  # random horizontal flips of training clips
+    # train on random windows of this many frames (1 + k*temporal_factor; null: whole clips). The tokenizer is
+    # causal and its norms act per frame, so a window is exactly the start of a longer clip: a cheap, exact crop.
+    train_frames: int | None = None
     recon_loss: Literal["l1", "l2"] = "l1"
     perceptual: Literal["none", "lpips", "i3d"] = "none"
     perceptual_weight: float = 0.1
+    i3d_weights: str | None = None  # perceptual: i3d; null: {run.out}/fetch_detector's file (or the usual search)
     disc: Literal["none", "frame2d", "patch3d"] = "frame2d"
+    disc_channels: int = 64
+    disc_layers: int = 3
     disc_weight: float = 0.1
     disc_start: int = 500
     lecam_weight: float = 0.0
     ema: float = 0.0  # 0 disables EMA
+    bf16: bool = True  # autocast on GPU (CPU always trains in float32)
     checkpoint_every: int = 200
     log_every: int = 20
     num_workers: int = 0
