@@ -265,3 +265,16 @@ def stage_imports(folder: Path, repo: Path) -> dict[str, set[str]]:
                      if Path(f).resolve().is_relative_to(repo.resolve())}
             out.setdefault(argv[1], set()).update(files)
     return out
+
+
+def model_weights(path: Path) -> dict:
+    """The weights inside one of our checkpoints (tokenizer.pt / generator.pt)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

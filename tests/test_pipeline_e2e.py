@@ -15,8 +15,10 @@ from pipeline_helpers import (
     check_results,
     dvc,
     import_trace_env,
+    model_weights,
     ran_dvc,
     ran_snakemake,
+    same_weights,
     set_params,
     snakemake,
     stage_imports,
@@ -58,9 +60,12 @@ def test_dvc_repro_end_to_end(tmp_path, record_property):
     plots = json.loads(dvc(["plots", "show", "--json"], repo).stdout)
     assert {"fps_vs_block_size", "fvd_vs_block_size", "out/train_generator/embedded_nbp/history.csv"} <= set(plots)
 
+    before = {g: model_weights(repo / f"out/train_generator/{g}/generator.pt") for g in ("embedded_nbp", "embedded_ntp")}
     set_params(repo / "params.yaml", TOKENIZER_CHANGE)
     res = dvc(["repro"], repo)
     assert ran_dvc(res.stdout) == EXPECTED_RERUN, res.stdout
+    for g, w in before.items():  # retrained on the new tokens, not resumed from the finished run on the old ones
+        assert not same_weights(w, model_weights(repo / f"out/train_generator/{g}/generator.pt")), g
 
 
 def test_snakemake_end_to_end(tmp_path, record_property):
@@ -78,8 +83,10 @@ def test_snakemake_end_to_end(tmp_path, record_property):
     record_property("snakemake_noop_s", round(time.monotonic() - t0, 1))
     assert "Nothing to be done" in res.stdout + res.stderr, res.stderr[-3000:]
 
+    before = model_weights(repo / "out/train_generator/embedded_nbp/generator.pt")
     set_params(repo / "params.yaml", TOKENIZER_CHANGE)
     planned = ran_snakemake(snakemake(["-n", "-c2"], repo).stdout)
     assert planned == EXPECTED_RERUN
     res = snakemake(["-c2"], repo)
     assert ran_snakemake(res.stderr + res.stdout) == EXPECTED_RERUN
+    assert not same_weights(before, model_weights(repo / "out/train_generator/embedded_nbp/generator.pt"))
