@@ -178,7 +178,7 @@ def tiny_params() -> dict[str, object]:
         "download.embedded.embedded": {"classes": 2, "train_per_class": 2, "test_per_class": 1, "size": 32, "frames": 20,
                                        "fps": 8, "seed": 0},
         "prepare.embedded": {"dataset": "embedded", "frames": 17, "fps": 8, "resolution": 32, "train_clips_per_video": 1},
-        "real_stats.embedded": {"dataset": "embedded", "split": "train", "num_videos": 4, "batch_size": 4},
+        "real_stats.embedded": {"dataset": "embedded", "split": "train", "num_videos": 2, "batch_size": 2},
         "train_tokenizer.embedded": {"dataset": "embedded", "preset": "small", "channels": 8, "steps": 1, "batch_size": 2,
                                      "warmup_steps": 1, "disc": "none", "checkpoint_every": 100, "log_every": 1},
         "eval_tokenizer.embedded": {"tokenizer": "embedded", "num_videos": 2, "batch_size": 2, "grid_videos": 2},
