@@ -57,8 +57,10 @@ def test_dvc_repro_end_to_end(tmp_path, record_property):
     metrics = json.loads(dvc(["metrics", "show", "--json"], repo).stdout)
     files = next(iter(metrics.values()))["data"]
     assert "gfvd" in files["out/eval_generator/embedded_nbp/metrics.json"]["data"]
-    plots = json.loads(dvc(["plots", "show", "--json"], repo).stdout)
+    plots = json.loads(dvc(["plots", "show", "--json"], repo).stdout)["data"]
     assert {"fps_vs_block_size", "fvd_vs_block_size", "out/train_generator/embedded_nbp/history.csv"} <= set(plots)
+    points = plots["fvd_vs_block_size"][0]["content"]["data"]["values"]
+    assert any(p["block_size"] == "16" and p["paper_k600_fvd"] == "25.5" for p in points)
 
     before = {g: model_weights(repo / f"out/train_generator/{g}/generator.pt") for g in ("embedded_nbp", "embedded_ntp")}
     set_params(repo / "params.yaml", TOKENIZER_CHANGE)
