@@ -1,6 +1,6 @@
 # Shared by the rules: the typed params, and the per-stage inputs / outputs / params / resources /
 # launcher that nbp/dag.py describes (dvc.yaml is generated from the same description).
-import dataclasses
+from pathlib import Path
 
 from nbp import dag
 from nbp.config import from_dict
@@ -35,8 +35,8 @@ def stage_outputs(stage, entry="{entry}"):
 
 
 def stage_inputs(stage):
-    """A function of the wildcards: code files and upstream outputs of one stage instance."""
-    return lambda wc: dag.inputs(CFG, stage, wc.get("entry"))
+    """A function of the wildcards: code files (of this checkout) and upstream outputs of one stage instance."""
+    return lambda wc: dag.inputs(CFG, stage, wc.get("entry"), root=Path(workflow.basedir))
 
 
 def stage_params(stage):
