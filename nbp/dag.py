@@ -342,8 +342,13 @@ def _is_paper_scale(cfg: Config, stage: str, entry: str | None) -> bool:
     return cfg.download[cfg.prepare[ds].dataset].source != "embedded"
 
 
+IMPORT = {"runtime": 120, "mem_mb": 32000, "cpus_per_task": 4, "gpu": 0}  # importing a released checkpoint
+
+
 def resources(cfg: Config, stage: str, entry: str | None) -> dict[str, int]:
     """Slurm resources of one stage instance: runtime (min), mem_mb, cpus_per_task, gpu."""
+    if stage in ("train_tokenizer", "train_generator") and getattr(cfg, stage)[entry].source == "released":
+        return dict(IMPORT)
     if stage == "tables" or not _is_paper_scale(cfg, stage, entry):
         res = dict(SMALL)
         if stage == "tables":

@@ -97,3 +97,14 @@ def test_embedded_experiment_asks_for_small_cpu_jobs():
     for name, job in jobs.items():
         assert int(job["resources"]["gpu"]) == 0 and int(job["resources"]["mem_mb"]) <= 8000, name
         assert strip_log(job["shell"]).startswith("nbp "), name
+
+
+def test_released_suite_imports_without_gpus(tmp_path):
+    p = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", p)
+    select(p, "released")
+    jobs = snakemake_dag([*PROFILE, "--configfile", str(p)])
+    for name in ("train_tokenizer@released_ucf", "train_generator@released_k600_nbp16"):
+        assert _res(jobs[name]) == {"gpu": 0, "mem_mb": 32000, "runtime": 120, "cpus_per_task": 4}, name
+        assert strip_log(jobs[name]["shell"]).startswith("nbp "), name
+    assert _res(jobs["eval_generator@released_k600_nbp16"])["gpu"] == 1
