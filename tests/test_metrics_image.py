@@ -93,7 +93,7 @@ def lpips_files(tmp_path):
 
 def test_lpips_with_weights(lpips_files, monkeypatch):
     vgg, lin = lpips_files
-    a, b = _video((2, 3, 2, 32, 32), seed=3), _video((2, 3, 2, 32, 32), seed=4)
+    a, b = _video((2, 3, 2, 16, 16), seed=3), _video((2, 3, 2, 16, 16), seed=4)
     d_aa = lpips(a, a, vgg=vgg, lin=lin)
     assert d_aa.shape == (2,) and torch.all(d_aa.abs() < 1e-6)
     d_ab = lpips(a, b, vgg=vgg, lin=lin)
@@ -109,7 +109,7 @@ def test_lpips_with_weights(lpips_files, monkeypatch):
 
 def test_lpips_wrong_files(lpips_files, tmp_path):
     vgg, lin = lpips_files
-    a = _video((1, 3, 1, 32, 32))
+    a = _video((1, 3, 1, 16, 16))
     with pytest.raises(NbpError, match="lin0.model.1.weight"):
         lpips(a, a, vgg=vgg, lin=vgg)
     with pytest.raises(NbpError, match="features.0.weight"):

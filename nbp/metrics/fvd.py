@@ -137,13 +137,15 @@ def extract_features(videos: Any, model: torch.nn.Module | None = None, *, batch
                      distributed: bool | None = None, desc: str = "I3D features") -> np.ndarray:
     """I3D logits (or, with ``pooled``, Mixed_5c pooled features) of clips -> float32 [N, 400] (or [N, 1024]).
 
-    ``videos``: uint8 [N, T, H, W, 3] or float [N, 3, T, H, W] in [0, 1] (numpy/memmap/torch, or an iterable of
-    such batches). ``distributed`` (default: when a process group is up): each rank extracts a contiguous shard of
-    whole batches (so each clip is in the same batch as in one process), then all shards are gathered in order on
-    every rank.
+    ``videos``: uint8 [N, T, H, W, 3] or float [N, 3, T, H, W] in [0, 1] (numpy/memmap/torch, a ClipCache, or an
+    iterable of such batches). Always float32 (no TF32, no autocast). ``distributed`` (default: when a process
+    group is up): each rank extracts a contiguous shard of whole batches (so each clip is in the same batch as in
+    one process), then all shards are gathered in order on every rank.
     """
     device = torch.device(device)
     model = model if model is not None else get_i3d(weights, device)
+    if isinstance(getattr(videos, "frames", None), np.ndarray):  # a ClipCache: its uint8 memmap
+        videos = videos.frames
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
@@ -152,7 +154,7 @@ def extract_features(videos: Any, model: torch.nn.Module | None = None, *, batch
     batches, total = _batches(videos, batch_size)
     out = []
     bar = progress(total=total, desc=desc, unit="clip")
-    with torch.inference_mode(), _exact_fp32():
+    with torch.inference_mode(), _exact_fp32(), torch.autocast(device.type, enabled=False):
         for batch in batches:
             x = batch.to(device) if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             y = model(preprocess(x, frames, resolution, sampling), return_features=pooled)
