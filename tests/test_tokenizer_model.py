@@ -3,6 +3,15 @@
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread is fastest, and immune to other processes' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 from nbp.tokenizer.model import PRESETS, DepthToSpace, VideoTokenizer, preset
 
 

@@ -5,6 +5,15 @@ import dataclasses
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread is fastest, and immune to other processes' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 from nbp import load_magvit2
 from nbp.errors import NbpError
 from nbp.tokenizer.model import PRESETS, VideoTokenizer

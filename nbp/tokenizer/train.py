@@ -15,6 +15,7 @@ Outputs (atomically, at the end): ``{run.out}/train_tokenizer/{name}/tokenizer.p
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import math
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from nbp.checkpoint import load_checkpoint, save_checkpoint
 from nbp.config import Config, ConfigError, TrainTokenizerConfig, to_dict
@@ -182,8 +184,8 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
     global_batch = tcfg.batch_size * tcfg.grad_accum * info.world_size
     if N < tcfg.batch_size:
         raise NbpError(f"{key}.batch_size: {tcfg.batch_size} is more than the {N} training clips")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))))
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the cores, shared by this machine's ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
     use_bf16 = device.type == "cuda" and tcfg.bf16
     ckpt_path = Path(cfg.run.out) / "checkpoints" / "train_tokenizer" / name / "last.pt"
     out = cfg.out_dir("train_tokenizer", name)
@@ -193,7 +195,9 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
     random.seed(tcfg.seed)
     model = VideoTokenizer(mcfg).to(device)
     disc = build_discriminator(tcfg.disc, tcfg.disc_channels, tcfg.disc_layers)
-    disc = disc.to(device) if disc is not None else None
+    if disc is not None:
+        _check_disc_fits(disc, T, H, W, key)
+        disc = disc.to(device)
     lecam = LeCam().to(device)
     ema = [p.detach().clone() for p in model.parameters()] if tcfg.ema > 0 else None
     perceptual = build_perceptual(tcfg.perceptual, device, _i3d_weights(cfg, tcfg)) if tcfg.perceptual != "none" else None
@@ -329,6 +333,11 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
             opt_d.zero_grad(set_to_none=True)
             sched_d.step()
 
+        if info.enabled:  # history holds the mean over ranks (grad_norm and lr are global already)
+            keys = sorted(k for k in logs if k not in ("grad_norm", "lr"))
+            v = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(v)
+            logs.update({k: float(x) / info.world_size for k, x in zip(keys, v.tolist())})
         st.step += 1
         st.samples += global_batch
         now = time.perf_counter()
@@ -360,6 +369,16 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
     if info.enabled:
         dist.barrier()
     return out
+
+
+def _check_disc_fits(disc: nn.Module, T: int, H: int, W: int, key: str) -> None:
+    """A discriminator too deep for the frame size fails here, with the key to change, not mid-training."""
+    try:
+        with torch.device("meta"):
+            copy.deepcopy(disc).to("meta")(torch.empty(1, 3, T, H, W))
+    except RuntimeError:
+        raise ConfigError(f"{key}.disc_layers", f"{disc.__class__.__name__} with {len(disc.convs) - 1} layers "
+                          f"does not fit {H}x{W} frames: use fewer layers") from None
 
 
 def _acc(logs: dict, key: str, value, n: int) -> None:
