@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_tokenizer_train import PARAMS, _quiet, make_clip_cache, overrides  # noqa: F401 (_quiet: autouse fixture)
 
 from nbp.config import load_config
 from nbp.tokenizer import load_tokenizer
 from nbp.tokenizer.evaluate import codebook_stats, run_eval_tokenizer
 from nbp.tokenizer.train import run_train_tokenizer
-from test_tokenizer_train import PARAMS, _quiet, make_clip_cache, overrides  # noqa: F401 (_quiet: autouse fixture)
 
 
 def test_codebook_stats_known_answers():

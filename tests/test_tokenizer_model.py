@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from nbp.tokenizer.model import PRESETS, DepthToSpace, VideoTokenizer, preset
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -11,8 +13,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-from nbp.tokenizer.model import PRESETS, DepthToSpace, VideoTokenizer, preset
 
 
 @pytest.fixture(scope="module")
