@@ -37,6 +37,27 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, **e
     return res
 
 
+def start(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen:
+    """Start a command in the background (its output goes to files beside the repo); see :func:`finish`."""
+    out, err = open(cwd.parent / f"{cwd.name}.stdout", "w+"), open(cwd.parent / f"{cwd.name}.stderr", "w+")
+    p = subprocess.Popen(cmd, cwd=cwd, env=env(cwd, **extra_env), stdout=out, stderr=err, text=True)
+    p.files = (out, err)
+    return p
+
+
+def finish(p: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
+    p.wait(timeout=timeout)
+    texts = []
+    for f in p.files:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    res = subprocess.CompletedProcess(p.args, p.returncode, *texts)
+    if res.returncode != 0:
+        raise AssertionError(f"`{' '.join(p.args)}` failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
 def snakemake(args: list[str], cwd: Path = ROOT, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "snakemake", *args], cwd, check=check, **kw)
 
