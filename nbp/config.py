@@ -421,7 +421,8 @@ def _check_semantics(cfg: Config) -> None:
         if any(b <= 0 for b in e.block):
             raise ConfigError(f"train_generator.{name}.block", f"block sizes must be > 0, got {list(e.block)}", src)
         grid = latent_grid(cfg, cfg.tokenize[e.tokens].tokenizer)
-        if any(g % b for g, b in zip(grid, e.block)):
+        # bt need not divide T: the last T % bt frames get blocks of the same size (nbp.generator.layout.BlockLayout)
+        if grid[1] % e.block[1] or grid[2] % e.block[2] or e.block[0] > grid[0]:
             raise ConfigError(
                 f"train_generator.{name}.block",
                 f"{list(e.block)} does not divide the latent grid {list(grid)}",

@@ -33,17 +33,22 @@ def test_order_hand_written():
     assert lay.order.tolist()[:8] == [0, 1, 8, 9, 2, 3, 10, 11]
 
 
-@pytest.mark.parametrize("block", SHAPES)
-def test_blocks_are_boxes_and_round_trip(block):
-    lay = BlockLayout(GRID, block)
-    T, H, W = GRID
+def _ref_order(grid, block):
+    """Block order by explicit loops: block raster order, raster order inside the block."""
+    T, H, W = grid
     bt, bh, bw = block
-    # reference by explicit loops: block raster order, raster order inside the block
     ref = []
     for it, ih, iw in itertools.product(range(T // bt), range(H // bh), range(W // bw)):
         for t, h, w in itertools.product(range(bt), range(bh), range(bw)):
             ref.append((it * bt + t) * H * W + (ih * bh + h) * W + (iw * bw + w))
-    assert lay.order.tolist() == ref
+    return ref
+
+
+@pytest.mark.parametrize("block", SHAPES)
+def test_blocks_are_boxes_and_round_trip(block):
+    lay = BlockLayout(GRID, block)
+    bt, bh, bw = block
+    assert lay.tail_block is None and lay.order.tolist() == _ref_order(GRID, block)
     codes = torch.randint(0, 1000, (3, *GRID))
     seq = lay.to_blocks(codes)
     assert seq.shape == (3, lay.num_tokens)
@@ -51,9 +56,28 @@ def test_blocks_are_boxes_and_round_trip(block):
     assert torch.equal(seq[:, : lay.block_size].reshape(3, bt, bh, bw), codes[:, :bt, :bh, :bw])
 
 
+def test_tail_frames_get_blocks_of_the_same_size():
+    # grid 3x1x4 (raster t*4 + w), blocks 2x1x2: frames 0-1 in two 2x1x2 boxes, the last frame one 1x1x4 block
+    lay = BlockLayout((3, 1, 4), (2, 1, 2))
+    assert lay.tail_block == (1, 1, 4)
+    assert lay.order.tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 10, 11]
+    # the paper's 2x1x8 and 2x2x2 on 5 latent frames: 2 pairs of frames, then the last frame
+    for block, tail in (((2, 1, 8), (1, 1, 16)), ((2, 2, 2), (1, 2, 4))):
+        lay = BlockLayout((5, 16, 16), block)
+        assert lay.tail_block == tail and lay.num_blocks * lay.block_size == 1280
+        head = _ref_order((4, 16, 16), block)
+        assert lay.order.tolist() == head + [1024 + i for i in _ref_order((1, 16, 16), tail)]
+        codes = torch.randint(0, 1000, (2, 5, 16, 16))
+        assert torch.equal(lay.from_blocks(lay.to_blocks(codes)), codes)
+    t = TaskLayout("frame_pred", BlockLayout((5, 16, 16), (2, 1, 8)), video_vocab=64000, context_frames=2)
+    assert (t.context_len, t.steps) == (512, 48)  # the context is whole blocks: frames 0-1
+
+
 def test_block_must_divide_grid():
     with pytest.raises(ValueError, match="does not divide"):
-        BlockLayout((5, 16, 16), (2, 1, 16))
+        BlockLayout((5, 16, 16), (1, 3, 16))
+    with pytest.raises(ValueError, match="cannot be cut"):
+        BlockLayout((5, 16, 16), (3, 1, 16))  # 2 tail frames, 48 tokens: no 2 x h x w box of 48 fits 16x16
 
 
 def test_nbp_mask_hand_written():

@@ -39,6 +39,13 @@ TEXT_LEN = 8
 # block order
 
 
+def _box_order(grid: tuple[int, int, int], block: tuple[int, int, int]) -> torch.Tensor:
+    """Raster indices of ``grid`` in block order for blocks that divide it."""
+    (T, H, W), (bt, bh, bw) = grid, block
+    idx = torch.arange(T * H * W).view(T // bt, bt, H // bh, bh, W // bw, bw)  # [nt, bt, nh, bh, nw, bw]
+    return idx.permute(0, 2, 4, 1, 3, 5).reshape(-1)  # [N] block raster, then raster inside a block
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """A latent grid ``(T, H, W)`` cut into blocks ``(bt, bh, bw)``.
@@ -46,6 +53,11 @@ class BlockLayout:
     ``order[k]`` is the raster index (t*H*W + h*W + w) of the token at block-order position ``k``;
     ``inverse`` undoes it. ``to_blocks``/``from_blocks`` convert codes between the grid and the
     block order.
+
+    ``bh``, ``bw`` must divide ``H``, ``W``. When ``bt`` does not divide ``T`` (2x1x8 or 2x2x2 on the
+    5 latent frames of a 17-frame clip), the last ``r = T % bt`` frames are cut into ``tail_block``s of
+    depth r and the same size (2x1x8 -> 1x1x16 or 1x2x8; 2x2x2 -> 1x2x4): the block size stays constant
+    and the leading frames, e.g. a frame-prediction context of 2 latent frames, keep whole blocks.
     """
 
     grid: tuple[int, int, int]
@@ -56,8 +68,24 @@ class BlockLayout:
         object.__setattr__(self, "block", tuple(int(b) for b in self.block))
         if len(self.grid) != 3 or len(self.block) != 3:
             raise ValueError(f"grid {self.grid} and block {self.block} must have 3 entries (t, h, w)")
-        if any(b <= 0 or g % b for g, b in zip(self.grid, self.block)):
+        (T, H, W), (bt, bh, bw) = self.grid, self.block
+        if min(self.block) <= 0 or bt > T or H % bh or W % bw:
             raise ValueError(f"block {list(self.block)} does not divide the latent grid {list(self.grid)}")
+        _ = self.tail_block  # raises when the trailing frames cannot be cut into blocks of the same size
+
+    @property
+    def tail_block(self) -> tuple[int, int, int] | None:
+        """Block shape of the last ``T % bt`` frames (None when ``bt`` divides ``T``)."""
+        (T, H, W), (bt, bh, bw) = self.grid, self.block
+        r = T % bt
+        if r == 0:
+            return None
+        area = self.block_size // r if self.block_size % r == 0 else 0
+        for th, tw in ((bh, area // bh if area % bh == 0 else 0), (area // bw if area % bw == 0 else 0, bw)):
+            if th and tw and H % th == 0 and W % tw == 0:
+                return (r, th, tw)
+        raise ValueError(f"block {list(self.block)} does not divide the latent grid {list(self.grid)}, and its last "
+                         f"{r} frame(s) cannot be cut into blocks of {self.block_size} tokens")
 
     @property
     def num_tokens(self) -> int:
@@ -73,16 +101,15 @@ class BlockLayout:
     def num_blocks(self) -> int:
         return self.num_tokens // self.block_size
 
-    @property
-    def blocks_per_axis(self) -> tuple[int, int, int]:
-        return tuple(g // b for g, b in zip(self.grid, self.block))
-
     @cached_property
     def order(self) -> torch.Tensor:
-        (T, H, W), (bt, bh, bw) = self.grid, self.block
-        nt, nh, nw = T // bt, H // bh, W // bw
-        idx = torch.arange(T * H * W).view(nt, bt, nh, bh, nw, bw)  # [nt, bt, nh, bh, nw, bw]
-        return idx.permute(0, 2, 4, 1, 3, 5).reshape(-1)  # [N] block raster, then raster inside a block
+        (T, H, W), bt = self.grid, self.block[0]
+        r = T % bt
+        head = _box_order((T - r, H, W), self.block)
+        if not r:
+            return head
+        tail = _box_order((r, H, W), self.tail_block) + (T - r) * H * W
+        return torch.cat([head, tail])
 
     @cached_property
     def inverse(self) -> torch.Tensor:
