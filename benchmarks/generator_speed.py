@@ -138,7 +138,9 @@ def check_agreement(a, device: torch.device) -> float:
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    return f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible), torch {torch.__version__}"
+    load = os.getloadavg()[0]
+    return (f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible, load average {load:.1f}), "
+            f"torch {torch.__version__}")
 
 
 def markdown(rows: list[dict], device: torch.device, cmd: str, extra: str = "") -> str:
