@@ -60,3 +60,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if expect is not None and ckpt["format"] != expect:
         raise NbpError(f"{path}: is a {ckpt['format']!r} checkpoint, expected {expect!r}")
     return ckpt
+
+
+def inputs_fingerprint(*roots: str | Path) -> str:
+    """A cheap, conservative identity of a stage's input folders, stored with rolling checkpoints.
+
+    Small files (manifests, metadata; <= 16 MiB) are hashed whole; large arrays by path, size and
+    modification time, so re-made inputs change the fingerprint without reading gigabytes.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for p in files:
+            st = p.stat()
+            h.update(f"{p.relative_to(root) if root.is_dir() else p.name}\0{st.st_size}\0".encode())
+            if st.st_size <= 16 << 20:
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+            else:
+                h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nbp.checkpoint import load_checkpoint, save_checkpoint
+from nbp.checkpoint import inputs_fingerprint, load_checkpoint, save_checkpoint
 from nbp.config import Config, ConfigError, TrainGeneratorConfig, to_dict
 from nbp.distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from nbp.errors import NbpError
@@ -178,6 +178,7 @@ class Trainer:
         self.micro = g.batch_size // (world * g.grad_accum)
 
         tok_dir = cfg.out_dir("tokenize", g.tokens)
+        self.inputs_id = inputs_fingerprint(tok_dir)
         self.train_data = TokenShards(tok_dir, "train")
         self.val_data = TokenShards(tok_dir, "val")
         self.meta = self.train_data.meta
@@ -297,11 +298,14 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
     def _describe(self) -> dict:
-        return {"config": self.model_config.to_dict(), "task": self.task.describe(), "params": to_dict(self.g)}
+        return {"config": self.model_config.to_dict(), "task": self.task.describe(), "params": to_dict(self.g),
+                "inputs": self.inputs_id}
 
     def save(self) -> None:
         client = {"format": TRAIN_FORMAT, "version": 1, **self._describe(), "state": self.state.to_dict(),
                   "rng": self._rng_states()}
+        if self.dist.is_main:
+            write_json(self.ckpt_dir / "run.json", self._describe())
         if self.engine is not None:
             ds_dir = self.ckpt_dir / "deepspeed"
             tag = f"step{self.state.step}"
@@ -319,14 +323,27 @@ class Trainer:
         if self.dist.enabled:
             dist.barrier()
 
-    def _check_same_run(self, client: dict, where: Path) -> None:
+    def _stale(self, client: dict) -> list[str]:
+        """What differs between a rolling checkpoint's run and this one (model, task, params or input tokens)."""
         mine = self._describe()
-        for key in ("config", "task"):
-            if client[key] != mine[key]:
-                raise NbpError(f"{where}: rolling checkpoint is for another {key} ({client[key]} != {mine[key]}); "
-                               f"delete {self.ckpt_dir} to start over")
+        return [k for k in mine if client.get(k) != mine[k]]
+
+    def _drop_stale(self) -> None:
+        """A rolling checkpoint of other settings or other tokens is not resumed: training starts over."""
+        run_file = self.ckpt_dir / "run.json"
+        if not run_file.is_file():
+            return
+        stale = self._stale(json.loads(run_file.read_text()))
+        if stale:
+            if self.dist.is_main:
+                print(f"train_generator {self.name}: rolling checkpoint in {self.ckpt_dir} was made with other "
+                      f"{', '.join(stale)}; starting over")
+                shutil.rmtree(self.ckpt_dir)
+            if self.dist.enabled:
+                dist.barrier()
 
     def resume(self) -> bool:
+        self._drop_stale()
         if self.engine is not None:
             ds_dir = self.ckpt_dir / "deepspeed"
             if not (ds_dir / "latest").is_file():
@@ -339,10 +356,17 @@ class Trainer:
             if not where.is_file():
                 return False
             client = load_checkpoint(where, expect=TRAIN_FORMAT)
-            self._check_same_run(client, where)
+            if self._stale(client):  # no run.json beside it (an older checkpoint): judge by its own description
+                if self.dist.is_main:
+                    print(f"train_generator {self.name}: rolling checkpoint {where} is for other settings; starting over")
+                    shutil.rmtree(self.ckpt_dir)
+                if self.dist.enabled:
+                    dist.barrier()
+                return False
             self.model.load_state_dict(client["model"])
             self.optimizer.load_state_dict(client["optimizer"])
-        self._check_same_run(client, where)
+        if self._stale(client):
+            raise NbpError(f"{where}: rolling checkpoint is for other settings; delete {self.ckpt_dir} to start over")
         self.state = TrainState.from_dict(client["state"])
         self._set_rng(client["rng"])
         return True
