@@ -46,6 +46,7 @@ MODES = {
     "nbp_row": dict(name="class", block=(1, 1, 4)),
     "ntp": dict(name="class", block=(1, 1, 1)),
     "nbp_2x2x2": dict(name="class", grid=(2, 4, 4), block=(2, 2, 2)),
+    "nbp_2x2x2_tail": dict(name="class", grid=(3, 4, 4), block=(2, 2, 2)),  # last frame in 1x2x4 blocks
     "frame_1x4x4": dict(name="frame_pred", block=(1, 4, 4)),
     "frame_row": dict(name="frame_pred", block=(1, 1, 4)),
     "uncond": dict(name="uncond", block=(1, 2, 2)),
