@@ -73,6 +73,9 @@ def inputs_fingerprint(*roots: str | Path) -> str:
     h = hashlib.sha256()
     for root in roots:
         root = Path(root)
+        if not root.exists():
+            h.update(f"{root.name}\0missing\0".encode())
+            continue
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for p in files:
             st = p.stat()

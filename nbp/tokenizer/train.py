@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nbp.checkpoint import load_checkpoint, save_checkpoint
+from nbp.checkpoint import inputs_fingerprint, load_checkpoint, save_checkpoint
 from nbp.config import Config, ConfigError, TrainTokenizerConfig, to_dict
 from nbp.distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from nbp.errors import NbpError
@@ -215,13 +215,22 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
     history: list[dict] = []
     window: dict[str, list[float]] = {}  # per-step values since the last history row
 
+    inputs_id = inputs_fingerprint(cfg.out_dir("prepare", tcfg.dataset) / "train")
+    ck = None
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, map_location="cpu", expect=TRAIN_FORMAT)
         saved = ck["train_config"]
-        for k in _RESUME_KEYS:
-            if to_dict(getattr(tcfg, k)) != saved.get(k):
-                raise NbpError(f"{ckpt_path}: was made with {key}.{k}={saved.get(k)!r}, now {to_dict(getattr(tcfg, k))!r}; "
-                               "delete the checkpoint folder to start over")
+        stale = [k for k in _RESUME_KEYS if to_dict(getattr(tcfg, k)) != saved.get(k)]
+        stale += ["training clips"] if ck.get("inputs") != inputs_id else []
+        if stale:  # an upstream change (DVC/Snakemake rerun): the old run is not resumed, training starts over
+            if info.is_main:
+                print(f"train_tokenizer {name}: rolling checkpoint {ckpt_path} was made with other "
+                      f"{', '.join(stale)}; starting over")
+                ckpt_path.unlink()
+            if info.enabled:
+                dist.barrier()
+            ck = None
+    if ck is not None:
         model.load_state_dict(ck["model"], strict=True)
         opt_g.load_state_dict(ck["opt_g"])
         sched_g.load_state_dict(ck["sched_g"])
@@ -263,6 +272,7 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
                 "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict() if sched_d is not None else None,
                 "lecam": lecam.state_dict(), "step": step, "rng": rng_state(), "data": {"seed": tcfg.seed, "samples": st.samples},
                 "wandb_run_id": st.run_id, "history": history, "log_window": window, "train_seconds": st.seconds,
+                "inputs": inputs_id,
             })
         if info.enabled:
             dist.barrier()
