@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nbp.data.video_io import clip_indices, probe, read_clip  # noqa: E402
+from nbp.io import write_markdown_section
 
 W, H, FPS, SECONDS = 320, 240, 25, 60
 
@@ -91,21 +91,6 @@ def timed(fn, repeats: int) -> float:
     return min(times)
 
 
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace (or append) the section between this benchmark's markers in ``path``."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n## {title}\n\n{body}{end}\n"
-    text = path.read_text() if path.is_file() else "# Speed measurements\n\nWritten by the scripts in `benchmarks/`.\n\n"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
@@ -150,8 +135,8 @@ def main(argv=None) -> int:
                      f"on the key frame at {r['key_before_mid']}, so {r['mid_decoded']} frames are decoded (51 from the start, "
                      f"{r['mid_start'] + 51} without seeking)." for r in rows]
     lines += ["", "Command: `python benchmarks/decode.py`", ""]
-    write_section(Path(a.md), "decode", "Video decoding: a clip from the middle vs from the start (benchmarks/decode.py)",
-                  "\n".join(lines))
+    title = "Video decoding: a clip from the middle vs from the start (benchmarks/decode.py)"
+    write_markdown_section(Path(a.md), "decode", title, "\n".join(lines))
     print(f"wrote {a.md}")
     return 0
 

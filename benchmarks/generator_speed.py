@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nbp.generator.layout import BlockLayout, TaskLayout  # noqa: E402
 from nbp.generator.model import GPT, gpt_config  # noqa: E402
 from nbp.generator.train import next_block_loss, param_groups  # noqa: E402
+from nbp.io import write_markdown_section
 
 # dense bf16 peaks (TFLOP/s, without sparsity)
 PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0,
@@ -154,21 +154,6 @@ def markdown(rows: list[dict], device: torch.device, cmd: str, extra: str = "") 
     return "\n".join(lines) + ("\n\n" + extra if extra else "") + "\n"
 
 
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace (or append) the section between this benchmark's markers in ``path``."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n## {title}\n\n{body}{end}\n"
-    text = path.read_text() if path.is_file() else "# Speed measurements\n\nWritten by the scripts in `benchmarks/`.\n\n"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -208,7 +193,7 @@ def main(argv=None) -> int:
         rows.append(r)
     cmd = "python benchmarks/generator_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     title = f"Generator training throughput ({'GPU' if device.type == 'cuda' else 'CPU'})"
-    write_section(Path(a.md), f"generator_speed_{device.type}", title, markdown(rows, device, cmd.strip(), extra))
+    write_markdown_section(Path(a.md), f"generator_speed_{device.type}", title, markdown(rows, device, cmd.strip(), extra))
     if a.json:
         Path(a.json).write_text(json.dumps({"device": device_label(device), "rows": rows, "note": extra}, indent=2))
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbp.io import write_markdown_section
 from nbp.metrics.detector import cached_i3d_weights
 from nbp.metrics.fvd import fvd_features_of_clips
 from nbp.metrics.i3d import load_i3d
@@ -52,21 +52,6 @@ def device_label(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible{load}), torch {torch.__version__}"
-
-
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace (or append) the section between the markers of ``key`` in ``path``, atomically."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n## {title}\n\n{body}{end}\n"
-    text = path.read_text() if path.is_file() else "# Speed measurements\n\nWritten by the scripts in `benchmarks/`.\n\n"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -112,7 +97,7 @@ def main(argv=None) -> int:
     body = "\n".join(lines) + "\n"
     print(body)
     title = f"I3D throughput for FVD ({device.type}, benchmarks/i3d_throughput.py)"
-    write_section(Path(a.md), f"{KEY}_{device.type}", title, body)
+    write_markdown_section(Path(a.md), f"{KEY}_{device.type}", title, body)
     return 0
 
 

@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pipeline_helpers import dvc, env, ran_dvc, ran_snakemake, snakemake, tiny_repo  # noqa: E402
 
+from nbp.io import write_markdown_section  # noqa: E402
+
 
 def timed(fn):
     t0 = time.monotonic()
@@ -33,17 +35,6 @@ def timed(fn):
 
 def best_of(n, fn) -> float:
     return min(timed(fn)[0] for _ in range(n))
-
-
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    section = f"{start}\n## {title}\n\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else "# Speed measurements\n\nWritten by the scripts in `benchmarks/`.\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> int:
@@ -95,7 +86,7 @@ def main() -> int:
         "",
         f"Command: `python benchmarks/pipeline_timing.py{' --slurm' if args.slurm else ''}`",
     ]
-    write_section(Path(args.md), "pipeline_timing", "Pipeline: first and repeat runs (benchmarks/pipeline_timing.py)",
+    write_markdown_section(Path(args.md), "pipeline_timing", "Pipeline: first and repeat runs (benchmarks/pipeline_timing.py)",
                   "\n".join(body))
     print("\n".join(body))
     return 0

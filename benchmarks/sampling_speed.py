@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from nbp.generator.layout import BlockLayout, TaskLayout
 from nbp.generator.model import GPT, GPTConfig, KVCache
 from nbp.generator.sampling import decode_step, generate, prefill, prompt_ids
+from nbp.io import write_markdown_section
 
 KEY = "sampling_speed"
 
@@ -113,21 +113,6 @@ def markdown(gen_rows, step_rows, a, device, cmd) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace (or append) the section between the markers of ``key`` in ``path``, atomically."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n## {title}\n\n{body}{end}\n"
-    text = path.read_text() if path.is_file() else "# Speed measurements\n\nWritten by the scripts in `benchmarks/`.\n\n"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -154,7 +139,8 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/sampling_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     body = markdown(gen_rows, step_rows, a, device, cmd.strip())
     print(body)
-    write_section(Path(a.md), f"{KEY}_{device.type}", f"Sampling: NBP vs NTP, cached step vs full forward ({device.type})", body)
+    title = f"Sampling: NBP vs NTP, cached step vs full forward ({device.type})"
+    write_markdown_section(Path(a.md), f"{KEY}_{device.type}", title, body)
     return 0
 
 

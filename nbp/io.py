@@ -71,3 +71,19 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_markdown_section(path: str | Path, key: str, title: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->`` of a Markdown
+    file (results/speed.md: each benchmark owns one section), atomically."""
+    import re
+
+    path = Path(path)
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n## {title}\n\n{body}{end}\n"
+    text = path.read_text() if path.is_file() else "# Speed measurements\n\nWritten by the scripts in `benchmarks/`.\n\n"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    write_text(path, text)
