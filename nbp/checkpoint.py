@@ -46,15 +46,21 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
         torch.save(ckpt, tmp)
 
 
+def read_torch_file(path: str | Path, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(..., weights_only=True)`` with one-line user errors for a missing or unloadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise NbpError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise NbpError(f"{path}: not a loadable {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", expect: str | None = None) -> dict[str, Any]:
     """Load one of our checkpoints with ``weights_only=True``; ``expect`` checks its ``format``."""
     path = Path(path)
-    if not path.is_file():
-        raise NbpError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise NbpError(f"{path}: not a loadable nbp checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    ckpt = read_torch_file(path, "nbp checkpoint", map_location)
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise NbpError(f"{path}: not an nbp checkpoint (no 'format' key)")
     if expect is not None and ckpt["format"] != expect:

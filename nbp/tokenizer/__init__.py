@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from nbp.checkpoint import read_torch_file
 from nbp.errors import NbpError
 from nbp.tokenizer.model import PRESETS, TokenizerConfig, VideoTokenizer, preset
 
@@ -49,12 +50,7 @@ def load_magvit2(path: str | Path, resolution: int = 128, device: str | torch.de
     from nbp.tokenizer.released import is_released_checkpoint, model_from_released_state
 
     path = Path(path)
-    if not path.is_file():
-        raise NbpError(f"{path}: tokenizer file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - an unreadable file is a user-facing error
-        raise NbpError(f"{path}: not a loadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    obj = read_torch_file(path, "tokenizer file")
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         model = model_from_checkpoint(obj, device, source=str(path))
     elif is_released_checkpoint(obj):

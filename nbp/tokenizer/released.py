@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from nbp.checkpoint import read_torch_file
 from nbp.errors import NbpError
 from nbp.tokenizer.fsq import FSQ
 from nbp.tokenizer.model import PRESETS, CausalConv3d, DepthToSpace, FrameGroupNorm, ResBlock, Swish, VideoTokenizer
@@ -107,12 +108,7 @@ def is_released_checkpoint(obj) -> bool:
 def load_released(path: str | Path, device: str | torch.device = "cpu", config=None) -> VideoTokenizer:
     """Build the ``base`` tokenizer and fill it from a released ``magvit2_*.pt`` (weights_only load, strict keys)."""
     path = Path(path)
-    if not path.is_file():
-        raise NbpError(f"{path}: released tokenizer file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - an unreadable file is a user-facing error
-        raise NbpError(f"{path}: not a loadable torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    obj = read_torch_file(path, "released tokenizer file")
     if not is_released_checkpoint(obj):
         raise NbpError(f"{path}: not a released tokenizer (expected a dict with 'model_state_dict')")
     return model_from_released_state(obj["model_state_dict"], device=device, config=config, source=str(path))
