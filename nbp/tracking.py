@@ -48,10 +48,23 @@ class Tracker:
             self.run.log(data, step=step)
 
     def video(self, array, fps: int = 8, caption: str | None = None):
-        """A W&B video from a uint8 array [T, C, H, W] (or None when tracking is off)."""
+        """A W&B video from a uint8 array [T, C, H, W] (or None when tracking is off).
+
+        The frames are encoded here with PyAV into an mp4 under the run's folder and handed to W&B as a file:
+        W&B's own encoder for raw arrays needs moviepy, which is not a dependency.
+        """
         if self.run is None:
             return None
-        return self._wandb.Video(array, fps=fps, caption=caption, format="mp4")
+        import numpy as np
+
+        from nbp.data.video_io import write_video
+
+        self._videos = getattr(self, "_videos", 0) + 1
+        path = os.path.join(self.run.dir, "nbp_media", f"video_{self._videos:05d}.mp4")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        frames = np.ascontiguousarray(np.asarray(array, dtype=np.uint8).transpose(0, 2, 3, 1))  # [T, H, W, C]
+        write_video(path, frames, fps=fps)
+        return self._wandb.Video(path, caption=caption, format="mp4")
 
     def finish(self) -> None:
         if self.run is not None:
