@@ -138,6 +138,11 @@ class TrainTokenizerConfig:
     # train on random windows of this many frames (1 + k*temporal_factor; null: whole clips). The tokenizer is
     # causal and its norms act per frame, so a window is exactly the start of a longer clip: a cheap, exact crop.
     train_frames: int | None = None
+    # MAGVIT-v2-style image warm-up: the first image_steps steps train on single frames (image_batch_size random
+    # frames per step; a causal tokenizer encodes a frame alone as a 1-frame video). On flat synthetic shapes it
+    # ends the grey-blob plateau of video training sooner. 0 disables it.
+    image_steps: int = 0
+    image_batch_size: int = 32
     recon_loss: Literal["l1", "l2"] = "l1"
     perceptual: Literal["none", "lpips", "i3d"] = "none"
     perceptual_weight: float = 0.1

@@ -47,7 +47,7 @@ def make_clip_cache(root: Path, n_train: int = 8, n_val: int = 4, frames: int = 
 
 TINY = {"channels": 8, "steps": 6, "batch_size": 4, "lr": 0.003, "warmup_steps": 1, "disc": "frame2d", "disc_channels": 8,
         "disc_layers": 2, "disc_start": 3, "lecam_weight": 0.1, "ema": 0.9, "checkpoint_every": 2, "log_every": 1,
-        "hflip": True, "train_frames": None}
+        "hflip": True, "train_frames": None, "image_steps": 0, "recon_loss": "l1"}
 
 
 def overrides(out: Path, **kw) -> dict:
@@ -125,7 +125,8 @@ def _l1_on(model, frames: np.ndarray) -> float:
 
 def test_one_real_training_step_decreases_the_loss_on_a_fixed_batch(tmp_path):
     frames = np.load(make_clip_cache(tmp_path / "out" / "prepare" / "embedded", n_train=4) / "train" / "clips.npy")
-    cfg = load_config(PARAMS, overrides(tmp_path / "out", steps=1, disc="none", ema=0.0, hflip=False, lr=0.001))
+    cfg = load_config(PARAMS, overrides(tmp_path / "out", steps=1, disc="none", ema=0.0, hflip=False, lr=0.001,
+                                        recon_loss="l1", image_steps=0))
     tcfg = cfg.train_tokenizer["embedded"]
     torch.manual_seed(tcfg.seed)
     before = _l1_on(VideoTokenizer(model_config_for(tcfg)), frames)  # the model the run starts from (same seed)
@@ -155,6 +156,28 @@ def test_gan_phase_trains_the_discriminator_and_logs_its_losses(tmp_path):
     assert ck["lecam"]["ema_real"].item() != 0.0
 
 
+def test_image_warm_up_trains_on_single_frames_then_on_clips(tmp_path, monkeypatch):
+    frames = np.load(make_clip_cache(tmp_path / "out" / "prepare" / "embedded") / "train" / "clips.npy")
+    cfg = load_config(PARAMS, overrides(tmp_path / "out", steps=4, image_steps=2, image_batch_size=6, disc="none",
+                                        train_frames=None, checkpoint_every=100))
+    seen = []
+    forward = VideoTokenizer.forward
+    monkeypatch.setattr(VideoTokenizer, "forward", lambda self, x: (seen.append(tuple(x.shape)), forward(self, x))[1])
+    train_tokenizer(cfg, "embedded", frames, torch.device("cpu"))
+    assert seen == [(6, 3, 1, 16, 16)] * 2 + [(4, 3, 5, 16, 16)] * 2
+    ck = torch.load(tmp_path / "out" / "checkpoints" / "train_tokenizer" / "embedded" / "last.pt", weights_only=True)
+    assert ck["data"]["samples"] == 2 * 6 + 2 * 4  # one sample counter across both phases
+
+
+def test_discriminator_inside_the_image_warm_up_is_refused(tmp_path):
+    from nbp.config import ConfigError
+
+    frames = np.load(make_clip_cache(tmp_path / "out" / "prepare" / "embedded") / "train" / "clips.npy")
+    cfg = load_config(PARAMS, overrides(tmp_path / "out", steps=4, image_steps=3, disc_start=2))
+    with pytest.raises(ConfigError, match="disc_start"):
+        train_tokenizer(cfg, "embedded", frames, torch.device("cpu"))
+
+
 # --------------------------------------------------------------------------------------
 # resume after a kill
 
@@ -169,7 +192,7 @@ def _cli(out: Path, **kw) -> list[str]:
 @pytest.mark.slow
 def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     env = dict(os.environ)
-    kw = {"steps": 24, "checkpoint_every": 4, "disc_start": 6}
+    kw = {"steps": 24, "checkpoint_every": 4, "disc_start": 6, "image_steps": 3, "image_batch_size": 6}  # both phases
     for out in (tmp_path / "straight", tmp_path / "killed"):
         make_clip_cache(out / "prepare" / "embedded")
     subprocess.run(_cli(tmp_path / "straight", **kw), check=True, env=env, cwd=REPO, capture_output=True)

@@ -152,7 +152,8 @@ def model_config_for(tcfg: TrainTokenizerConfig, key: str = "train_tokenizer"):
 
 # the train-config keys that change the result: a checkpoint made with other values is not resumed
 _RESUME_KEYS = ("preset", "channels", "steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
-                "betas", "grad_clip", "train_frames", "recon_loss", "perceptual", "perceptual_weight", "disc",
+                "betas", "grad_clip", "train_frames", "image_steps", "image_batch_size", "recon_loss", "perceptual",
+                "perceptual_weight", "disc",
                 "disc_channels", "disc_layers", "disc_weight", "disc_start", "lecam_weight", "ema", "hflip", "seed")
 
 
@@ -181,7 +182,9 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
     length = tcfg.train_frames or T
     if length > T or (length - 1) % mcfg.temporal_factor:
         raise ConfigError(f"{key}.train_frames", f"{length} must be 1 + k*{mcfg.temporal_factor} and at most the clips' {T}")
-    global_batch = tcfg.batch_size * tcfg.grad_accum * info.world_size
+    if tcfg.image_steps and tcfg.disc != "none" and tcfg.disc_start < tcfg.image_steps:
+        raise ConfigError(f"{key}.disc_start", f"{tcfg.disc_start} falls inside the image warm-up (image_steps "
+                          f"{tcfg.image_steps}); start the discriminator on videos")
     if N < tcfg.batch_size:
         raise NbpError(f"{key}.batch_size: {tcfg.batch_size} is more than the {N} training clips")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the cores, shared by this machine's ranks
@@ -261,6 +264,7 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
                       run_id=st.run_id, dir=str(ckpt_path.parent), rank=info.rank)
     st.run_id = tracker.run_id or st.run_id
     order = DataOrder(N, tcfg.seed, tcfg.hflip, T - length)
+    image_order = DataOrder(N, tcfg.seed, tcfg.hflip, T - 1)  # image warm-up: one random frame of each clip
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     def save(step: int) -> None:
@@ -282,11 +286,13 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
     while st.step < tcfg.steps:
         step = st.step
         use_gan = disc is not None and step >= tcfg.disc_start
+        image = step < tcfg.image_steps  # image warm-up: batches of single frames
+        bs, frames_now, order_now = (tcfg.image_batch_size, 1, image_order) if image else (tcfg.batch_size, length, order)
         micro = []  # (x, recon) of each micro-batch, for the discriminator update
         logs: dict[str, float] = {}
         for m in range(tcfg.grad_accum):
-            start = st.samples + (m * info.world_size + info.rank) * tcfg.batch_size
-            x = batch_tensor(frames, *order.indices(start, tcfg.batch_size), length, device)
+            start = st.samples + (m * info.world_size + info.rank) * bs
+            x = batch_tensor(frames, *order_now.indices(start, bs), frames_now, device)
             sync = contextlib.nullcontext() if (not info.enabled or m == tcfg.grad_accum - 1) else model.no_sync()
             with sync:
                 with autocast():
@@ -294,7 +300,7 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
                 recon = recon.float()
                 rec = recon_loss(x, recon, tcfg.recon_loss)
                 nll = rec
-                if perceptual is not None:
+                if perceptual is not None and not (image and tcfg.perceptual == "i3d"):  # I3D needs videos
                     with autocast():
                         p = perceptual(x, recon).float()
                     nll = nll + tcfg.perceptual_weight * p
@@ -349,7 +355,7 @@ def train_tokenizer(cfg: Config, name: str, frames, device: torch.device, info: 
             dist.all_reduce(v)
             logs.update({k: float(x) / info.world_size for k, x in zip(keys, v.tolist())})
         st.step += 1
-        st.samples += global_batch
+        st.samples += bs * tcfg.grad_accum * info.world_size
         now = time.perf_counter()
         st.seconds += now - t0
         t0 = now
