@@ -10,14 +10,7 @@ from nbp.errors import NbpError
 from nbp.tokenizer.model import PRESETS, VideoTokenizer
 from nbp.tokenizer.released import convert_state_dict, load_released, to_released_state_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is fastest, and immune to other processes' load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 RES = ["fn.0.weight", "fn.0.bias", "fn.1.beta", "fn.2.conv.weight", "fn.2.conv.bias",
        "fn.3.weight", "fn.3.bias", "fn.4.beta", "fn.5.conv.weight", "fn.5.conv.bias"]
