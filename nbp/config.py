@@ -447,7 +447,7 @@ def _check_semantics(cfg: Config) -> None:
             raise ConfigError(f"eval_generator.{name}.top_p", f"must be in (0, 1], got {e.top_p}", src)
 
 
-SPATIAL_FACTOR = {"small": 8, "base": 8}
+SPATIAL_FACTOR = {"small": 4, "base": 8}  # = PRESETS[...].spatial_factor (tests/test_config.py checks it)
 
 
 def latent_grid(cfg: Config, tokenizer: str) -> tuple[int, int, int]:

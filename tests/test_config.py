@@ -67,7 +67,7 @@ def test_repo_params_are_valid_and_match_the_schema():
     assert cfg.run.datasets == BASE["run"]["datasets"]
     jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(BASE)
     p = cfg.prepare["embedded"]
-    assert latent_grid(cfg, "embedded") == (1 + (p.frames - 1) // 4, p.resolution // 8, p.resolution // 8)
+    assert latent_grid(cfg, "embedded") == (1 + (p.frames - 1) // 4, p.resolution // 4, p.resolution // 4)  # small: x4 spatially
 
 
 def test_committed_schema_is_current():
@@ -122,3 +122,15 @@ def test_overrides_are_validated_too(tmp_path):
     missing = tmp_path / "nope.yaml"
     done = _run("check", "--params", str(missing), cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip() == f"nbp: error: {missing}: file not found"
+
+
+def test_latent_grid_agrees_with_the_tokenizer_presets():
+    """config.latent_grid (used by the DAG and the generator stages without building a tokenizer) matches the model."""
+    from nbp.config import SPATIAL_FACTOR
+    from nbp.tokenizer.model import PRESETS, VideoTokenizer
+
+    assert SPATIAL_FACTOR == {k: p.spatial_factor for k, p in PRESETS.items()}
+    cfg = load_config(REPO / "params.yaml")
+    p = cfg.prepare["embedded"]
+    model = VideoTokenizer(PRESETS[cfg.train_tokenizer["embedded"].preset])
+    assert latent_grid(cfg, "embedded") == model.latent_grid(p.frames, p.resolution, p.resolution) == (5, 8, 8)

@@ -153,6 +153,10 @@ def test_video_grid_layout():
     # float [N, 3, T, H, W] in [0, 1] gives the same grid
     f = clips.transpose(0, 4, 1, 2, 3).astype(np.float32) / 255.0
     assert np.array_equal(V.video_grid(f, ncols=2, pad=1), g)
+    # min_side: tiles enlarged by the smallest integer factor reaching it (4 -> 8: x2), nearest neighbour
+    big = V.video_grid(clips, ncols=2, pad=1, min_side=7)
+    assert big.shape == (T, 1 + 2 * (2 * H + 1), 1 + 2 * (2 * W + 1), 3)
+    assert (big[:, 1:9, 1:11] == 50).all() and (big[:, 1:9, 12:22] == 100).all() and (big[:, 9] == 255).all()
 
 
 def test_bad_files_raise_clear_errors(tmp_path):

@@ -27,7 +27,7 @@ def _prepare(root: Path, split: str, videos: int, per_video: int, rng) -> None:
     n = videos * per_video
     d = root / split
     d.mkdir(parents=True)
-    np.save(d / "clips.npy", rng.integers(0, 256, size=(n, 17, 16, 16, 3), dtype=np.uint8))
+    np.save(d / "clips.npy", rng.integers(0, 256, size=(n, 17, 8, 8, 3), dtype=np.uint8))
     video = [f"v_Shape{i % 2}_g{i:02d}" for i in range(videos) for _ in range(per_video)]
     label = [i % 2 for i in range(videos) for _ in range(per_video)]
     pd.DataFrame({"clip": range(n), "video": video, "label": label, "class_name": [f"Shape{x}" for x in label],

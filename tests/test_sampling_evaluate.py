@@ -27,8 +27,8 @@ from nbp.tokenizer import load_tokenizer, tokenizer_checkpoint
 from nbp.tokenizer.model import PRESETS, VideoTokenizer
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-RES, FRAMES, CLASSES = 16, 17, 3
-GRID = (5, 2, 2)  # small tokenizer: 17 x 16 x 16 -> 5 x 2 x 2; blocks of 2 tokens
+RES, FRAMES, CLASSES = 8, 17, 3
+GRID = (5, 2, 2)  # small tokenizer: 17 x 8 x 8 -> 5 x 2 x 2 (spatial factor 4); blocks of 2 tokens
 
 
 class StandIn(nn.Module):
@@ -128,7 +128,7 @@ def test_class_conditional_eval(tmp_path, standin):
     grid = read_video(d / "samples.mp4")
     shown = sorted(set(labels.tolist()))[:3]
     assert m["samples"] == [f"Class{k}" for k in shown]
-    assert grid.shape[0] == FRAMES and grid.shape[2] == 2 + len(shown) * (RES + 2)
+    assert grid.shape[0] == FRAMES and grid.shape[2] == 2 + len(shown) * (64 + 2)  # tiles enlarged to 64 pixels
     assert (d / "samples.gif").stat().st_size > 0
 
 
@@ -165,7 +165,7 @@ def test_frame_prediction_conditions_on_the_encoded_first_frames(tmp_path, stand
     assert m["gfvd_untrained"] == pytest.approx(m["gfvd_per_seed"][0], rel=1e-9)  # the checkpoint is that untrained model
     assert m["steps"] == 6 and m["frames_per_video"] == 12 and m["tokens_per_video"] == 12 and m["encode_seconds"] > 0
     grid = read_video(out / "eval_generator" / "embedded_nbp" / "samples.mp4")
-    assert grid.shape[1] == 2 + 2 * (RES + 2) and grid.shape[2] == 2 + 3 * (RES + 2)  # real row above the predictions
+    assert grid.shape[1] == 2 + 2 * (64 + 2) and grid.shape[2] == 2 + 3 * (64 + 2)  # real row above the predictions (x8: 64 px)
 
 
 def test_sample_command_classes_and_context(tmp_path, standin):

@@ -45,14 +45,14 @@ def test_image_is_a_one_frame_video(small):
     with torch.no_grad():
         _, codes17 = small.encode(x)
         _, codes1 = small.encode(x[:, :, :1])
-    assert codes1.shape == (2, 1, 2, 2) and codes1.dtype == torch.int32
+    assert codes1.shape == (2, 1, 4, 4) and codes1.dtype == torch.int32
     assert torch.equal(codes17[:, :1], codes1)  # the first latent of a clip is the image's code
     assert small.decode_from_code_indices(codes1).shape == (2, 3, 1, 16, 16)
 
 
 @pytest.mark.parametrize("frames,latent_t", [(1, 1), (17, 5)])
 def test_shapes_small(small, frames, latent_t):
-    x = torch.rand(2, 3, frames, 64, 64)
+    x = torch.rand(2, 3, frames, 32, 32)
     with torch.no_grad():
         quant, codes = small.encode(x, quantize=True)
         out = small.decode_codes(codes)
@@ -63,7 +63,7 @@ def test_shapes_small(small, frames, latent_t):
     assert out.shape == rec.shape == x.shape
     assert 0 <= float(out.min()) and float(out.max()) <= 1
     assert torch.equal(q, quant)
-    assert small.latent_grid(frames, 64, 64) == (latent_t, 8, 8)
+    assert small.latent_grid(frames, 32, 32) == (latent_t, 8, 8)
 
 
 @pytest.mark.parametrize("frames,latent_t", [(1, 1), (17, 5)])

@@ -51,7 +51,7 @@ TINY = {"channels": 8, "steps": 6, "batch_size": 4, "lr": 0.003, "warmup_steps":
 
 
 def overrides(out: Path, **kw) -> dict:
-    # 5 frames of 16x16 (latent grid 2x2x2, so the embedded generators' blocks become 1x1x1 to stay valid)
+    # 5 frames of 16x16 (latent grid 2x4x4, so the embedded generators' blocks become 1x1x1 to stay valid)
     o = {"run.out": str(out), "prepare.embedded.frames": 5, "prepare.embedded.resolution": 16,
          "train_generator.embedded_nbp.block": [1, 1, 1]}
     o.update({f"train_tokenizer.embedded.{k}": v for k, v in {**TINY, **kw}.items()})
@@ -137,7 +137,7 @@ def test_one_real_training_step_decreases_the_loss_on_a_fixed_batch(tmp_path):
     assert hist["recon"].iloc[0] == pytest.approx(before, rel=1e-5)  # the logged loss is this batch's loss
     assert after < before
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 1 and metrics["vocab_size"] == 1000 and metrics["latent_grid"] == [2, 2, 2]
+    assert metrics["steps"] == 1 and metrics["vocab_size"] == 1000 and metrics["latent_grid"] == [2, 4, 4]
 
 
 def test_gan_phase_trains_the_discriminator_and_logs_its_losses(tmp_path):

@@ -384,14 +384,18 @@ def write_gif(path: str | Path, video: np.ndarray, fps: float = 8.0) -> Path:
     return Path(path)
 
 
-def video_grid(videos, ncols: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+def video_grid(videos, ncols: int | None = None, pad: int = 2, pad_value: int = 255, min_side: int = 0) -> np.ndarray:
     """Tile clips [N, T, H, W, 3] (uint8, or float [N, 3, T, H, W] in [0, 1]) into one video [T, H', W', 3].
 
-    ``ncols`` clips per row (default: all in one row); a padding of ``pad`` pixels separates the tiles.
+    ``ncols`` clips per row (default: all in one row); a padding of ``pad`` pixels separates the tiles. Clips
+    smaller than ``min_side`` are enlarged by an integer factor (nearest neighbour: pixels stay visible as such).
     """
     videos = to_uint8_video(videos)
     if videos.ndim != 5 or videos.shape[-1] != 3:
         raise ValueError(f"expected [N, T, H, W, 3], got {list(videos.shape)}")
+    scale = max(1, -(-min_side // max(1, min(videos.shape[2:4]))))
+    if scale > 1:
+        videos = videos.repeat(scale, axis=2).repeat(scale, axis=3)  # [N, T, H*s, W*s, 3]
     N, T, H, W, _ = videos.shape
     ncols = min(ncols or N, N)
     nrows = math.ceil(N / ncols)

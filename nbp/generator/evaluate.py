@@ -147,7 +147,7 @@ class GridPicker:
 def write_grid(out: Path, videos: np.ndarray, fps: float, ncols: int) -> None:
     from nbp.data.video_io import video_grid, write_gif, write_video
 
-    grid = video_grid(videos, ncols=ncols)
+    grid = video_grid(videos, ncols=ncols, min_side=64)
     write_video(out / "samples.mp4", grid, fps=fps)
     write_gif(out / "samples.gif", grid, fps=fps)
 

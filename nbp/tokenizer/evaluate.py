@@ -4,7 +4,8 @@ Metrics (``{run.out}/eval_tokenizer/{name}/metrics.json``): rFVD (I3D features o
 reconstructions, the FVD protocol of ``nbp.metrics.fvd`` at the dataset's resolution), PSNR, SSIM, LPIPS (null
 when its weights are unavailable), codebook usage (fraction of the vocabulary used, perplexity of the code
 histogram), encode/decode speed. Reconstructions are rounded to uint8, as a stored video would be, before any
-metric. ``recon.mp4`` / ``recon.gif``: the first ``grid_videos`` inputs (top row) above their reconstructions.
+metric. ``recon.mp4`` / ``recon.gif``: ``grid_videos`` inputs spread evenly over the validation clips (top row)
+above their reconstructions, enlarged to at least 64 pixels.
 Everything streams batch by batch: only features, per-clip scores and the grid clips stay in memory.
 """
 
@@ -61,6 +62,7 @@ def run_eval_tokenizer(cfg: Config, name: str) -> Path:
     counts = np.zeros(model.vocab_size, dtype=np.int64)
     scores: dict[str, list[np.ndarray]] = {"psnr": [], "ssim": [], "lpips": []}
     feats_real, feats_rec, grid_real, grid_rec = [], [], [], []
+    shown = np.unique(np.linspace(0, n - 1, min(ecfg.grid_videos, n)).round().astype(int))  # spread over the classes
     enc_s = dec_s = 0.0
     bar = progress(total=n, desc=f"eval_tokenizer {name}", unit="clip")
     for lo in range(0, n, ecfg.batch_size):
@@ -87,9 +89,10 @@ def run_eval_tokenizer(cfg: Config, name: str) -> Path:
             f = i3d(preprocess(both, FRAMES, resolution=H, sampling="first")).float().cpu().numpy()  # [2B, 400]
         feats_real.append(f[: len(x)])
         feats_rec.append(f[len(x):])
-        if sum(len(g) for g in grid_real) < ecfg.grid_videos:
-            grid_real.append(real_u8)
-            grid_rec.append(rec_u8.permute(0, 2, 3, 4, 1).cpu().numpy())  # uint8 [B, T, H, W, 3]
+        pick = shown[(shown >= lo) & (shown < lo + len(x))] - lo
+        if len(pick):
+            grid_real.append(real_u8[pick])
+            grid_rec.append(rec_u8[torch.from_numpy(pick)].permute(0, 2, 3, 4, 1).cpu().numpy())  # uint8 [k, T, H, W, 3]
         bar.update(len(x))
     bar.close()
 
@@ -112,8 +115,7 @@ def run_eval_tokenizer(cfg: Config, name: str) -> Path:
         "device": str(device),
         "tokenizer": str(tok_path),
     }
-    k = ecfg.grid_videos
-    grid = video_grid(np.concatenate([np.concatenate(grid_real)[:k], np.concatenate(grid_rec)[:k]]), ncols=min(k, n))
+    grid = video_grid(np.concatenate(grid_real + grid_rec), ncols=len(shown), min_side=64)
     out = cfg.out_dir("eval_tokenizer", name)
     fps = float(cfg.prepare[tcfg.dataset].fps)
     with atomic_dir(out) as tmp:
