@@ -13,7 +13,7 @@ import json
 import sys
 
 from nbp import __version__
-from nbp.config import DEFAULT_PARAMS, SCHEMA_PATH, Config, ConfigError, json_schema, load_config
+from nbp.config import DEFAULT_PARAMS, SCHEMA_PATH, Config, ConfigError, json_schema, load_config, read_yaml
 from nbp.errors import NbpError, NotBuiltError
 
 # stage -> (implementation "module:function", what it does, which `run` list selects its entries)
@@ -67,14 +67,13 @@ def _load_impl(spec: str):
 
 
 def _parse_overrides(items: list[str]) -> dict:
-    import yaml
 
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(item, "override must be KEY=VALUE (e.g. -S train_tokenizer.embedded.steps=10)")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        out[k] = read_yaml(v)
     return out
 
 

@@ -14,6 +14,7 @@ Errors are :class:`ConfigError` with the dotted key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -458,12 +459,26 @@ def latent_grid(cfg: Config, tokenizer: str) -> tuple[int, int, int]:
     return (1 + (p.frames - 1) // t.temporal_factor, p.resolution // s, p.resolution // s)
 
 
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``3e-4``; PyYAML reads them as strings,
+    DVC's YAML 1.2 reader as numbers): params mean the same to nbp and to DVC."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> Config:
     """Read, schema-check, build and semantically check params. Raises ConfigError."""
     path = Path(path)
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError("", "file not found", source) from None
     except yaml.YAMLError as e:

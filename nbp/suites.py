@@ -13,9 +13,7 @@ import argparse
 import re
 from pathlib import Path
 
-import yaml
-
-from nbp.config import DEFAULT_PARAMS, ConfigError, load_config
+from nbp.config import DEFAULT_PARAMS, ConfigError, load_config, read_yaml
 from nbp.io import write_text
 
 KEYS = ("datasets", "tokenizers", "generators")
@@ -89,7 +87,7 @@ def select(params: str | Path, suite: str) -> dict[str, list[str]]:
     path = Path(params)
     lists = SUITES[suite][1]
     text = rewrite_run(path.read_text(), lists, str(path))
-    raw, old = yaml.safe_load(text), yaml.safe_load(path.read_text())
+    raw, old = read_yaml(text), read_yaml(path.read_text())
     if {k: v for k, v in raw.items() if k != "run"} != {k: v for k, v in old.items() if k != "run"} or any(
             raw["run"][k] != lists[k] for k in KEYS):
         raise ConfigError("run", "could not rewrite the run section safely; edit it by hand", str(path))

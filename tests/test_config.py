@@ -134,3 +134,16 @@ def test_latent_grid_agrees_with_the_tokenizer_presets():
     p = cfg.prepare["embedded"]
     model = VideoTokenizer(PRESETS[cfg.train_tokenizer["embedded"].preset])
     assert latent_grid(cfg, "embedded") == model.latent_grid(p.frames, p.resolution, p.resolution) == (5, 8, 8)
+
+
+def test_floats_without_a_dot_are_numbers_as_in_dvc(tmp_path):
+    """`lr: 3e-4` is a float for DVC (YAML 1.2) and must be one for nbp too (PyYAML alone reads a string)."""
+    from nbp.cli import _parse_overrides
+    from nbp.config import read_yaml
+
+    assert read_yaml("a: 3e-4\nb: -1E+2\nc: 1.5e3\nd: 12\ne: 1e\nf: '3e-4'") == {"a": 3e-4, "b": -100.0, "c": 1500.0, "d": 12,
+                                                                               "e": "1e", "f": "3e-4"}
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text().replace("lr: 2.0e-3", "lr: 2e-3"))
+    assert load_config(path).train_tokenizer["embedded"].lr == 2e-3
+    assert _parse_overrides(["train_generator.embedded_nbp.lr=3e-3"]) == {"train_generator.embedded_nbp.lr": 3e-3}
