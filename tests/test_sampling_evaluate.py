@@ -85,7 +85,8 @@ def _cfg(out, **extra):
             "train_generator.embedded_nbp.block": [1, 1, 2],
             "eval_generator.embedded_nbp.num_videos": 8, "eval_generator.embedded_nbp.batch_size": 5,
             "eval_generator.embedded_nbp.seeds": [0, 1], "eval_generator.embedded_nbp.grid_videos": 3,
-            "eval_generator.embedded_nbp.top_k": 50, **extra}
+            "eval_generator.embedded_nbp.top_k": 50, "eval_generator.embedded_nbp.top_p": None,
+            "eval_generator.embedded_nbp.untrained_baseline": False, **extra}
     return load_config(PARAMS, over)
 
 
