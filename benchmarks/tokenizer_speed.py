@@ -2,7 +2,7 @@
 
 Writes the ``tokenizer_speed_<device>`` section of ``results/speed.md``. Default: the ``base`` preset (the
 released architecture, random weights: speed does not depend on them) at 17x128x128, batch 1, on the CPU, and
-the ``small`` preset (embedded experiment) at 17x64x64. ``python benchmarks/tokenizer_speed.py [--device cuda]``.
+the ``small`` preset (embedded experiment) at 17x32x32. ``python benchmarks/tokenizer_speed.py [--device cuda]``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         rows.append(measure("base", 17, 128, a.base_batch, device, a.warmup, a.repeats))
         if device.type == "cuda":
             rows.append(measure("base", 17, 128, a.base_batch, device, a.warmup, a.repeats, bf16=True))
-    rows.append(measure("small", 17, 64, a.small_batch, device, a.warmup, a.repeats))
+    rows.append(measure("small", 17, 32, a.small_batch, device, a.warmup, a.repeats))
     for r in rows:
         print(r)
     cols = list(rows[0])
