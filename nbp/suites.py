@@ -30,7 +30,7 @@ SUITES: dict[str, tuple[str, dict[str, list[str]]]] = {
     "k600_ablations": ("K600 700M block sizes 1/8/16/32/64/256 (Figure 7) and block shapes (Table 3)", {
         "datasets": ["k600"], "tokenizers": ["k600"],
         "generators": ["k600_base_ntp", "k600_base_nbp8", "k600_base_nbp16", "k600_base_nbp32", "k600_base_nbp64",
-                       "k600_base_nbp256", "k600_base_b1x4x4"]}),
+                       "k600_base_nbp256", "k600_base_b1x4x4", "k600_base_b2x1x8", "k600_base_b2x2x2"]}),
     "released": ("the released checkpoints (UCF-101 and K600 tokenizers and NBP 700M): import, then evaluate only", {
         "datasets": ["ucf101", "k600"], "tokenizers": ["released_ucf", "released_k600"],
         "generators": ["released_ucf_nbp16", "released_k600_nbp16"]}),
