@@ -140,7 +140,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_generator", "generators", ("nbp/generator", "nbp/data") + TRAIN_CODE,
           (Upstream("tokenize", via=_gen_tokens, via_key="train_generator.{entry}.tokens"),),
           ("train_generator.{entry}",), outs=("generator.pt",), metrics=("metrics.json",),
-          plots=(("history.csv", {"x": "step", "y": "train_loss"}),), launch="torchrun",
+          plots=(("history.csv", {"x": "step", "y": "val_loss"}),), launch="torchrun",
           desc="train (or import) an NBP / NTP generator"),
     Stage("eval_generator", "generators", ("nbp/generator", "nbp/tokenizer", "nbp/metrics", "nbp/data") + TRAIN_CODE,
           (Upstream("train_generator", ("generator.pt",)),
