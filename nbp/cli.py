@@ -67,7 +67,6 @@ def _load_impl(spec: str):
 
 
 def _parse_overrides(items: list[str]) -> dict:
-
     out = {}
     for item in items or []:
         if "=" not in item:

@@ -459,7 +459,6 @@ def latent_grid(cfg: Config, tokenizer: str) -> tuple[int, int, int]:
     return (1 + (p.frames - 1) // t.temporal_factor, p.resolution // s, p.resolution // s)
 
 
-
 class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``3e-4``; PyYAML reads them as strings,
     DVC's YAML 1.2 reader as numbers): params mean the same to nbp and to DVC."""

@@ -25,6 +25,7 @@ class Tracker:
     def __init__(self, *, project: str, name: str, config: dict, mode: str = "offline", entity: str | None = None,
                  run_id: str | None = None, dir: str | None = None, rank: int = 0):
         self.run = None
+        self._videos = 0  # videos encoded so far (file names)
         mode = os.environ.get("WANDB_MODE", mode)
         if rank != 0 or mode == "disabled":
             return
@@ -59,7 +60,7 @@ class Tracker:
 
         from nbp.data.video_io import write_video
 
-        self._videos = getattr(self, "_videos", 0) + 1
+        self._videos += 1
         path = os.path.join(self.run.dir, "nbp_media", f"video_{self._videos:05d}.mp4")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         frames = np.ascontiguousarray(np.asarray(array, dtype=np.uint8).transpose(0, 2, 3, 1))  # [T, H, W, C]

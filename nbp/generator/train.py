@@ -328,22 +328,19 @@ class Trainer:
         mine = self._describe()
         return [k for k in mine if client.get(k) != mine[k]]
 
-    def _drop_stale(self) -> None:
-        """A rolling checkpoint of other settings or other tokens is not resumed: training starts over."""
-        run_file = self.ckpt_dir / "run.json"
-        if not run_file.is_file():
-            return
-        stale = self._stale(json.loads(run_file.read_text()))
-        if stale:
-            if self.dist.is_main:
-                print(f"train_generator {self.name}: rolling checkpoint in {self.ckpt_dir} was made with other "
-                      f"{', '.join(stale)}; starting over")
-                shutil.rmtree(self.ckpt_dir)
-            if self.dist.enabled:
-                dist.barrier()
+    def _start_over(self, stale: list[str]) -> None:
+        """A rolling checkpoint of other settings or other tokens is not resumed: it is deleted, training starts over."""
+        if self.dist.is_main:
+            print(f"train_generator {self.name}: rolling checkpoint in {self.ckpt_dir} was made with other "
+                  f"{', '.join(stale)}; starting over")
+            shutil.rmtree(self.ckpt_dir)
+        if self.dist.enabled:
+            dist.barrier()
 
     def resume(self) -> bool:
-        self._drop_stale()
+        run_file = self.ckpt_dir / "run.json"  # written with every checkpoint: judged before loading any shard
+        if run_file.is_file() and (stale := self._stale(json.loads(run_file.read_text()))):
+            self._start_over(stale)
         if self.engine is not None:
             ds_dir = self.ckpt_dir / "deepspeed"
             if not (ds_dir / "latest").is_file():
@@ -356,12 +353,8 @@ class Trainer:
             if not where.is_file():
                 return False
             client = load_checkpoint(where, expect=TRAIN_FORMAT)
-            if self._stale(client):  # no run.json beside it (an older checkpoint): judge by its own description
-                if self.dist.is_main:
-                    print(f"train_generator {self.name}: rolling checkpoint {where} is for other settings; starting over")
-                    shutil.rmtree(self.ckpt_dir)
-                if self.dist.enabled:
-                    dist.barrier()
+            if stale := self._stale(client):  # no run.json beside it (an older checkpoint): its own description
+                self._start_over(stale)
                 return False
             self.model.load_state_dict(client["model"])
             self.optimizer.load_state_dict(client["optimizer"])

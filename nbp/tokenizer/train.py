@@ -153,8 +153,8 @@ def model_config_for(tcfg: TrainTokenizerConfig, key: str = "train_tokenizer"):
 # the train-config keys that change the result: a checkpoint made with other values is not resumed
 _RESUME_KEYS = ("preset", "channels", "steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
                 "betas", "grad_clip", "train_frames", "image_steps", "image_batch_size", "recon_loss", "perceptual",
-                "perceptual_weight", "disc",
-                "disc_channels", "disc_layers", "disc_weight", "disc_start", "lecam_weight", "ema", "hflip", "seed")
+                "perceptual_weight", "disc", "disc_channels", "disc_layers", "disc_weight", "disc_start", "lecam_weight",
+                "ema", "hflip", "seed")
 
 
 @dataclass
