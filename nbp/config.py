@@ -125,6 +125,7 @@ class TrainTokenizerConfig:
     checkpoint: str | None = None  # released file (path or URL) when source == released
     preset: Literal["small", "base"] = "small"
     channels: int | None = None  # overrides the preset's base width (stage widths = channels * channel_mult)
+    norm: Literal["frame", "pixel"] | None = None  # overrides the preset's normalisation (see TokenizerConfig.norm)
     temporal_factor: int = 4
     steps: int = 1000
     batch_size: int = 8
@@ -197,6 +198,10 @@ class TrainGeneratorConfig:
     grad_clip: float = 1.0
     dropout: float = 0.1
     cond_dropout: float = 0.0  # probability of dropping the condition (for CFG)
+    # initial learned position table: normal (std 0.02, as the released models) or grid (a sinusoidal code of the
+    # (t, h, w) cell each position predicts, times pos_init_scale; still learned). Same checkpoint format.
+    pos_init: Literal["normal", "grid"] = "normal"
+    pos_init_scale: float = 0.1
     strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
     bf16: bool = True  # on GPU
     flex_attention: bool = True  # on GPU

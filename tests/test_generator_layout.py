@@ -190,3 +190,25 @@ def test_hybrid_layout_is_released_ucf():
 def test_task_describe_round_trip():
     t = TaskLayout("class", BlockLayout((5, 8, 8), (1, 1, 8)), video_vocab=1000, num_classes=8)
     assert TaskLayout.from_dict(t.describe()) == t
+
+
+def test_target_coords_hand_made():
+    # class task, grid 2x2x2 (raster t*4 + h*2 + w), blocks 1x1x2: position 0 is the class (no target),
+    # position 1 + j predicts token j of the block order (here raster order)
+    t = TaskLayout("class", BlockLayout((2, 2, 2), (1, 1, 2)), video_vocab=10, num_classes=3)
+    ref = [[-1, -1, -1]] + [[r // 4, r // 2 % 2, r % 2] for r in range(8)]
+    assert t.target_coords().tolist() == ref
+    # blocks 1x2x1 (columns): token j of the block order is raster cell order[j]
+    t = TaskLayout("class", BlockLayout((2, 2, 2), (1, 2, 1)), video_vocab=10, num_classes=3)
+    assert t.target_coords()[1:].tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1],
+                                               [1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]]
+    # frame prediction: position p holds token p and predicts token p + B
+    t = TaskLayout("frame_pred", BlockLayout((3, 1, 2), (1, 1, 2)), video_vocab=10, context_frames=1)
+    assert t.target_coords().tolist() == [[1, 0, 0], [1, 0, 1], [2, 0, 0], [2, 0, 1]]
+    # hybrid (bov, first block token by token, middle-bos, blocks): the 8 text positions predict nothing,
+    # then position 8 + j predicts token j
+    t = TaskLayout("hybrid", BlockLayout((2, 1, 2), (1, 1, 2)), video_vocab=10, num_classes=1,
+                   text_ids=((1,) * 8,))
+    c = t.target_coords()
+    assert len(c) == t.seq_len and (c[:8] == -1).all()
+    assert c[8:].tolist() == [[0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 1]]

@@ -127,3 +127,23 @@ def test_compiled_flex_matches_sdpa_on_cuda_with_gradients():
         grads.append((logits.detach(), m.blocks[0].attn.query.weight.grad.clone()))
     torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-3)
+
+
+def test_grid_position_code():
+    from nbp.generator.model import grid_position_code
+
+    grid = (5, 8, 8)
+    cells = torch.tensor([[t, h, w] for t in range(5) for h in range(8) for w in range(8)])
+    code = grid_position_code(cells, grid, 128)
+    assert code.shape == (320, 128) and code.abs().max() <= 1.0
+    # t gets 32 columns, h and w 48 each; first pair of each axis: sin/cos of a quarter turn per cell
+    torch.testing.assert_close(code[9, 0], torch.tensor(0.0))  # cell (0, 1, 1): t = 0
+    torch.testing.assert_close(code[9, 32], torch.tensor(1.0))  # sin(pi/2 * h) at h = 1
+    torch.testing.assert_close(code[9, 32 + 24], torch.tensor(0.0), atol=1e-6, rtol=0)  # cos(pi/2)
+    torch.testing.assert_close(code[9, 80 + 24], torch.tensor(0.0), atol=1e-6, rtol=0)  # w axis, cos(pi/2)
+    # every cell has its own code, and a neighbour is closer than a far cell
+    d = torch.cdist(code, code)
+    assert (d + torch.eye(320) * 10).min() > 0.1
+    assert d[0, 1] < d[0, 7] and d[0, 8] < d[0, 56] and d[0, 64] < d[0, 256]
+    # odd width: the last column of an axis is zero, not an error
+    assert grid_position_code(cells[:3], grid, 30).shape == (3, 30)

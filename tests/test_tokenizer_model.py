@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nbp.tokenizer.model import PRESETS, DepthToSpace, VideoTokenizer, preset
+from nbp.tokenizer.model import PRESETS, DepthToSpace, PixelNorm, TokenizerConfig, VideoTokenizer, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -91,3 +91,33 @@ def test_depth_to_space_channel_order():
             for iw in range(2):
                 assert y[0, c, 0, ih, iw].item() == ((1 * 2 + ih) * 2 + iw) * C_out + c
                 assert y[0, c, 1, ih, iw].item() == ((0 * 2 + ih) * 2 + iw) * C_out + c
+
+
+def test_pixel_norm_is_layer_norm_over_channels():
+    torch.manual_seed(0)
+    norm = PixelNorm(6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 6, 3, 4, 5) * 3 + 1
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 4, 1), (6,), norm.weight, norm.bias, eps=1e-5)
+    torch.testing.assert_close(norm(x), ref.permute(0, 4, 1, 2, 3))
+
+
+@pytest.mark.parametrize("norm,local", [("pixel", True), ("frame", False)])
+def test_pixel_norm_codes_depend_only_on_their_receptive_field(norm, local):
+    """A change far to the right (x >= 40 of 64) leaves the left latent column alone with per-position norms
+    (receptive field ~16 px at spatial x4); per-frame group norm carries it across the frame."""
+    torch.manual_seed(0)
+    tok = VideoTokenizer(preset("small", channels=8, norm=norm)).eval()
+    x = torch.rand(1, 3, 5, 64, 64)
+    y = x.clone()
+    y[..., 40:] = torch.rand(1, 3, 5, 64, 24)
+    with torch.no_grad():
+        a, b = tok.encoder(x), tok.encoder(y)  # [1, 4, 2, 16, 16]
+    assert torch.equal(a[..., 0], b[..., 0]) == local
+    assert not torch.equal(a[..., -1], b[..., -1])
+
+
+def test_unknown_norm_is_refused():
+    with pytest.raises(ValueError, match="norm 'batch'"):
+        TokenizerConfig(norm="batch")

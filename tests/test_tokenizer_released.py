@@ -131,7 +131,9 @@ def test_load_magvit2_reads_both_formats(tmp_path):
     torch.save({"something": 1}, tmp_path / "junk.pt")
     with pytest.raises(NbpError, match="junk.pt"):
         load_magvit2(tmp_path / "junk.pt")
-    # a released-format file goes through the strict base mapping (here: a small model's keys do not fit)
-    torch.save({"model_state_dict": to_released_state_dict(model)}, tmp_path / "magvit2_small.pt")
+    # a released-format file goes through the strict base mapping (here: a small model's keys do not fit; the
+    # released layout has per-frame group norms only)
+    frame_norm = VideoTokenizer(preset("small", channels=8, norm="frame"))
+    torch.save({"model_state_dict": to_released_state_dict(frame_norm)}, tmp_path / "magvit2_small.pt")
     with pytest.raises(NbpError, match="magvit2_small.pt"):
         load_magvit2(tmp_path / "magvit2_small.pt")

@@ -361,6 +361,20 @@ class TaskLayout:
         ignore = torch.full((Bsz, self.cond_len), IGNORE, dtype=torch.long, device=seq.device)
         return inp, torch.cat([ignore, vid], dim=1)
 
+    def target_coords(self) -> torch.Tensor:
+        """(t, h, w) latent coordinates [seq_len, 3] of the token each training position predicts; -1 rows
+        where a position predicts nothing (the condition). Read off :meth:`train_inputs` itself (token k of the
+        block order as code k), so it follows every task's id layout."""
+        N = self.num_tokens
+        cond = torch.zeros(1, self.cond_len, dtype=torch.long) if self.cond_len else None
+        _, targets = self.train_inputs(torch.arange(N)[None], cond)  # [1, seq_len]
+        k = self.codes(targets[0])  # [seq_len] block-order index of the target token (negative: none)
+        valid = targets[0] != IGNORE
+        raster = self.layout.order[k.clamp(min=0)]  # [seq_len]
+        T, H, W = self.layout.grid
+        coords = torch.stack([raster // (H * W), raster // W % H, raster % W], dim=1)  # [seq_len, 3]
+        return torch.where(valid[:, None], coords, torch.full_like(coords, -1))
+
     # ---- masks --------------------------------------------------------------------------
     def block_ids(self, length: int | None = None) -> torch.Tensor:
         """Block id of each position of a sequence of ``length`` (default: the training input)."""

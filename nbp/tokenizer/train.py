@@ -143,7 +143,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def model_config_for(tcfg: TrainTokenizerConfig, key: str = "train_tokenizer"):
-    mcfg = preset(tcfg.preset, channels=tcfg.channels)
+    mcfg = preset(tcfg.preset, channels=tcfg.channels, norm=tcfg.norm)
     if mcfg.temporal_factor != tcfg.temporal_factor:
         raise ConfigError(f"{key}.temporal_factor", f"{tcfg.temporal_factor} differs from preset "
                           f"{tcfg.preset!r}'s temporal factor {mcfg.temporal_factor}")
@@ -151,7 +151,7 @@ def model_config_for(tcfg: TrainTokenizerConfig, key: str = "train_tokenizer"):
 
 
 # the train-config keys that change the result: a checkpoint made with other values is not resumed
-_RESUME_KEYS = ("preset", "channels", "steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
+_RESUME_KEYS = ("preset", "channels", "norm", "steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay",
                 "betas", "grad_clip", "train_frames", "image_steps", "image_batch_size", "recon_loss", "perceptual",
                 "perceptual_weight", "disc", "disc_channels", "disc_layers", "disc_weight", "disc_start", "lecam_weight",
                 "ema", "hflip", "seed")
