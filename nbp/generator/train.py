@@ -214,7 +214,7 @@ class Trainer:
         autocast = g.bf16 and self.device.type == "cuda" and not self.deepspeed  # DeepSpeed casts the model itself
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, g.weight_decay), lr=g.lr, betas=tuple(g.betas),
-                                           fused=self.device.type == "cuda" or None)
+                                           fused=self.device.type in ("cuda", "cpu") or None)  # CPU: ~6% per tiny step
         if self.deepspeed:
             import deepspeed
 

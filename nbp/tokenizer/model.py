@@ -169,11 +169,10 @@ class PixelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = x.shape[1]
-        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        var, mean = torch.var_mean(xs, dim=1, keepdim=True, correction=0)  # [B, 1, T, H, W]
-        y = ((xs - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
-        return torch.addcmul(self.bias.view(1, C, 1, 1, 1), y, self.weight.view(1, C, 1, 1, 1))
+        # layer_norm over a contiguous last dim is ~4x faster on CPU than a channel-dim var_mean (one copy each way)
+        y = x.permute(0, 2, 3, 4, 1).contiguous()  # [B, T, H, W, C]
+        y = F.layer_norm(y.float(), (y.shape[-1],), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        return y.permute(0, 4, 1, 2, 3).contiguous()  # [B, C, T, H, W]
 
 
 def make_norm(kind: str, groups: int, channels: int) -> nn.Module:
