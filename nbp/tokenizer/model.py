@@ -169,10 +169,13 @@ class PixelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # layer_norm over a contiguous last dim is ~4x faster on CPU than a channel-dim var_mean (one copy each way)
-        y = x.permute(0, 2, 3, 4, 1).contiguous()  # [B, T, H, W, C]
-        y = F.layer_norm(y.float(), (y.shape[-1],), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-        return y.permute(0, 4, 1, 2, 3).contiguous()  # [B, C, T, H, W]
+        # F.layer_norm on a channels-last copy is ~4x faster on CPU, but its different rounding alone moved the embedded
+        # tokenizer from PSNR 25.30 to 24.28 (1,000 steps): the committed results were made with this form
+        C = x.shape[1]
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var, mean = torch.var_mean(xs, dim=1, keepdim=True, correction=0)  # [B, 1, T, H, W]
+        y = ((xs - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return torch.addcmul(self.bias.view(1, C, 1, 1, 1), y, self.weight.view(1, C, 1, 1, 1))
 
 
 def make_norm(kind: str, groups: int, channels: int) -> nn.Module:
