@@ -3,6 +3,7 @@ imported strictly, its logits match a hand-written minGPT forward under the hand
 greedy samples follow the id rules; files carrying other pickled globals are refused."""
 
 import argparse
+import dataclasses
 import math
 import os
 
@@ -180,7 +181,7 @@ def test_import_checkpoint_cli_delegates_tokenizers(tmp_path):
     from nbp.tokenizer.released import to_released_state_dict
 
     torch.manual_seed(0)
-    tok = VideoTokenizer(PRESETS["small"]).eval()
+    tok = VideoTokenizer(dataclasses.replace(PRESETS["small"], norm="frame")).eval()  # released files: per-frame norms
     src = tmp_path / "magvit2_test.pt"
     torch.save({"model_state_dict": to_released_state_dict(tok)}, src)
     dst = tmp_path / "tokenizer.pt"

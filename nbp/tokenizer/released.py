@@ -14,6 +14,7 @@ mis-shaped key is an :class:`NbpError` naming the key (never ``strict=False``).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -115,8 +116,10 @@ def load_released(path: str | Path, device: str | torch.device = "cpu", config=N
 
 
 def model_from_released_state(state: dict, device="cpu", config=None, source: str = "released file") -> VideoTokenizer:
-    """Keys are checked against a parameter-free (meta) model first, so a bad file fails before any allocation."""
-    cfg = config or PRESETS["base"]
+    """Keys are checked against a parameter-free (meta) model first, so a bad file fails before any allocation.
+
+    Released files always have per-frame group norms: ``config`` gives the sizes, the norm is ``frame``."""
+    cfg = dataclasses.replace(config or PRESETS["base"], norm="frame")
     with torch.device("meta"):
         shell = VideoTokenizer(cfg)
     mapped = convert_state_dict(state, shell, source)
