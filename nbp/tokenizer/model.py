@@ -2,7 +2,8 @@
 
 Layout: videos are ``[B, C, T, H, W]`` (contiguous, channels in dim 1) in every layer; nothing is permuted
 between layers. Group norm is taken per frame by a reshape (``[B, G, C/G, T, H*W]``, statistics over C/G and
-H*W), not by folding time into the batch, so no layer copies its input to change layout; the only data
+H*W; ``norm: pixel`` takes them over C alone at each position), not by folding time into the batch, so no layer
+copies its input to change layout; the only data
 movement besides the convolutions is the replicate padding of each causal convolution and the depth-to-space
 shuffle of the decoder's up-sampling.
 
@@ -94,8 +95,8 @@ PRESETS: dict[str, TokenizerConfig] = {
     "base": TokenizerConfig(),
     # the embedded experiment: 17x32x32 -> 5x8x8 (spatial factor 4, temporal 4), 1,000 codes; narrow, one residual
     # unit per stage, none at full resolution in the encoder: ~0.35 s per step of 8 clips x 9 frames on 2 CPU cores.
-    # Per-position norms: with per-frame group norm the black background's codes carried the object's colour
-    # (the corner code told the class), which a generator then has to learn as noise.
+    # Per-position norms: with per-frame group norm the black background's codes depended on the object's class
+    # (one class's clips all had the same top-left code), which a generator then has to learn as noise.
     "small": TokenizerConfig(
         channels=16,
         channel_mult=(1, 2, 4),
@@ -194,7 +195,8 @@ class Swish(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GN, Swish, CausalConv3d(a->b), GN, Swish, CausalConv3d(b->b), plus a 1x1x1 causal skip when a != b."""
+    """Norm, Swish, CausalConv3d(a->b), norm, Swish, CausalConv3d(b->b), plus a 1x1x1 causal skip when a != b
+    (norm: per-frame group norm or per-position norm, ``TokenizerConfig.norm``)."""
 
     def __init__(self, cin: int, cout: int, groups: int, norm: str = "frame"):
         super().__init__()
