@@ -1,5 +1,5 @@
 """The nbp DAG for Snakemake: the same stages, commands, inputs and outputs as dvc.yaml, both described once
-in nbp/dag.py. `snakemake -c2` runs what the `run` section of params.yaml selects (the embedded experiment
+in nbp/dag.py (one rule per stage, made in a loop in workflow/rules/stages.smk). `snakemake -c2` runs what the `run` section of params.yaml selects (the embedded experiment
 by default); `--profile workflow/profiles/slurm` submits the stages to a Slurm cluster."""
 
 from snakemake.utils import min_version, validate
@@ -14,10 +14,7 @@ validate(config, "workflow/schemas/params.schema.json")
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/tokenizer.smk"
-include: "workflow/rules/generator.smk"
-include: "workflow/rules/results.smk"
+include: "workflow/rules/stages.smk"
 
 
 rule all:

@@ -12,27 +12,9 @@ import importlib
 import json
 import sys
 
-from nbp import __version__
+from nbp import __version__, dag
 from nbp.config import DEFAULT_PARAMS, SCHEMA_PATH, Config, ConfigError, json_schema, load_config, read_yaml
 from nbp.errors import NbpError, NotBuiltError
-
-# stage -> (implementation "module:function", what it does, which `run` list selects its entries)
-# The function is called as fn(cfg, name) for each selected entry (name=None for global stages).
-STAGES: dict[str, tuple[str, str, str | None]] = {
-    "download": ("nbp.data.download:run_download", "fetch (or, for the embedded set, generate) a dataset", "datasets"),
-    "fetch_detector": ("nbp.metrics.detector:run_fetch_detector", "fetch and verify the I3D weights for FVD", None),
-    "prepare": ("nbp.data.prepare:run_prepare", "decode and resize clips once into a uint8 clip cache", "datasets"),
-    "real_stats": ("nbp.metrics.fvd:run_real_stats", "I3D feature statistics of real clips (FVD reference)", "datasets"),
-    "train_tokenizer": ("nbp.tokenizer.train:run_train_tokenizer", "train (or import) a video tokenizer", "tokenizers"),
-    "eval_tokenizer": (
-        "nbp.tokenizer.evaluate:run_eval_tokenizer", "rFVD, PSNR, SSIM, codebook usage of a tokenizer", "tokenizers"),
-    "tokenize": ("nbp.generator.tokenize:run_tokenize", "encode the clip cache into token shards once", "tokenizers"),
-    "train_generator": (
-        "nbp.generator.train:run_train_generator", "train (or import) an NBP/NTP generator", "generators"),
-    "eval_generator": (
-        "nbp.generator.evaluate:run_eval_generator", "sample videos; gFVD, steps, frames per second", "generators"),
-    "tables": ("nbp.tables:run_tables", "gather metrics into the paper's tables in results/", None),
-}
 
 # utility -> (module with add_arguments(parser) and main(args) -> int, help)
 UTILITIES: dict[str, tuple[str, str]] = {
@@ -45,14 +27,14 @@ UTILITIES: dict[str, tuple[str, str]] = {
 
 
 def _entries(cfg: Config, stage: str, name: str | None) -> list[str | None]:
-    selector = STAGES[stage][2]
-    if selector is None:
+    family = dag.BY_NAME[stage].family
+    if family is None:
         return [None]
     section = getattr(cfg, stage)
     if name is not None:
         cfg.entry(stage, name)  # raises a ConfigError naming the stage and entry
         return [name]
-    return [n for n in getattr(cfg.run, selector) if n in section]
+    return [n for n in getattr(cfg.run, family) if n in section]
 
 
 def _load_impl(spec: str):
@@ -87,15 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nbp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for stage, (_, help_, selector) in STAGES.items():
-        p = sub.add_parser(stage, help=help_, description=f"Stage `{stage}`: {help_}. Output: {{run.out}}/{stage}/ENTRY.")
-        if selector is not None:
-            p.add_argument("name", nargs="?", help=f"entry of params `{stage}` (default: those in run.{selector})")
+    for s in dag.STAGES:
+        where = "tables.out (results/)" if s.root == "tables.out" else (
+            f"{{run.out}}/{s.name}" + ("" if s.is_global else "/ENTRY"))
+        p = sub.add_parser(s.name, help=s.help, description=f"Stage `{s.name}`: {s.help}. Output: {where}.")
+        if s.family is not None:
+            p.add_argument("name", nargs="?", help=f"entry of params `{s.name}` (default: those in run.{s.family})")
         p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
         p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter for this call, e.g. -S train_tokenizer.embedded.steps=10")
-    sub.choices["download"].add_argument("--dry-run", action="store_true",
-                                         help="list what would be fetched (or generated) and where it would go; fetch nothing")
+        for flag, flag_help in s.options:
+            p.add_argument(flag, action="store_true", help=flag_help)
     for name, (_, help_) in UTILITIES.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_utility=name)
@@ -141,8 +125,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "check":
         cfg = load_config(args.params)
         print(f"{args.params}: ok")
-        for stage, (_, _, sel) in STAGES.items():
-            print(f"  {stage}: {', '.join(str(e) for e in _entries(cfg, stage, None)) if sel else '(global)'}")
+        for s in dag.STAGES:
+            print(f"  {s.name}: {', '.join(str(e) for e in _entries(cfg, s.name, None)) if s.family else '(global)'}")
         return 0
     if getattr(args, "_utility", None):
         module = UTILITIES[args.command][0]
@@ -154,10 +138,15 @@ def run(argv: list[str] | None = None) -> int:
             raise
         return int(mod.main(args) or 0)
     cfg = load_config(args.params, overrides=_parse_overrides(args.set))
-    fn = _load_impl(STAGES[args.command][0])
-    extra = {"dry_run": True} if getattr(args, "dry_run", False) else {}
-    for entry in _entries(cfg, args.command, getattr(args, "name", None)):
-        fn(cfg, entry, **extra)
+    stage = dag.BY_NAME[args.command]
+    fn = _load_impl(stage.impl)
+    extra = {}
+    for flag, _ in stage.options:
+        key = flag.lstrip("-").replace("-", "_")
+        if getattr(args, key, False):
+            extra[key] = True
+    for entry in _entries(cfg, stage.name, getattr(args, "name", None)):
+        fn(cfg, entry, dag.resolve(cfg, stage.name, entry), **extra)
     return 0
 
 

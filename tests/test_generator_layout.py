@@ -9,11 +9,12 @@ from nbp.generator.layout import (
     IGNORE,
     BlockLayout,
     TaskLayout,
+    block_ids,
     block_mask_mod,
-    hybrid_mask,
-    nbp_mask,
+    mask_from_block_ids,
     ucf101_text_ids,
 )
+from nbp.generator.sampling import count_steps, step_mask
 
 SHAPES = [(1, 1, 1), (1, 1, 8), (1, 4, 4), (2, 1, 8), (2, 2, 2)]
 GRID = (4, 4, 8)
@@ -70,7 +71,7 @@ def test_tail_frames_get_blocks_of_the_same_size():
         codes = torch.randint(0, 1000, (2, 5, 16, 16))
         assert torch.equal(lay.from_blocks(lay.to_blocks(codes)), codes)
     t = TaskLayout("frame_pred", BlockLayout((5, 16, 16), (2, 1, 8)), video_vocab=64000, context_frames=2)
-    assert (t.context_len, t.steps) == (512, 48)  # the context is whole blocks: frames 0-1
+    assert (t.context_len, count_steps(t)) == (512, 48)  # the context is whole blocks: frames 0-1
 
 
 def test_block_must_divide_grid():
@@ -80,9 +81,14 @@ def test_block_must_divide_grid():
         BlockLayout((5, 16, 16), (3, 1, 16))  # 2 tail frames, 48 tokens: no 2 x h x w box of 48 fits 16x16
 
 
+def _mask(prefix_len: int, num_tokens: int, block_size: int, ntp_len: int = 0) -> torch.Tensor:
+    """The one block-id rule behind every mask (dense, Flex, cached steps)."""
+    return mask_from_block_ids(block_ids(prefix_len + num_tokens, prefix_len, block_size, ntp_len))
+
+
 def test_nbp_mask_hand_written():
     # prefix 1, 6 tokens, blocks of 2
-    assert torch.equal(nbp_mask(1, 6, 2), _m("""
+    assert torch.equal(_mask(1, 6, 2), _m("""
         1000000
         1110000
         1110000
@@ -91,12 +97,12 @@ def test_nbp_mask_hand_written():
         1111111
         1111111"""))
     # NTP (block 1) is plain causal; no prefix
-    assert torch.equal(nbp_mask(0, 4, 1), torch.ones(4, 4).tril().bool())
+    assert torch.equal(_mask(0, 4, 1), torch.ones(4, 4).tril().bool())
 
 
 def test_hybrid_mask_hand_written():
     # text_len 2, block 3, 8 input positions after the text: bov, v0, v1 | v2, mid1, mid2 | v3, v4
-    assert torch.equal(hybrid_mask(8, 3, text_len=2), _m("""
+    assert torch.equal(_mask(2, 8, 3, ntp_len=3), _m("""
         1100000000
         1100000000
         1110000000
@@ -142,7 +148,11 @@ def test_task_masks_match_rule_and_flex(task, block):
     assert torch.equal(flex, dense)
     # cached decode rows are the same rows of the full mask
     s = t.cond_len + t.ntp_len + B
-    assert torch.equal(t.step_mask(s, B), dense[s:s + B, :s + B])
+    rows, want = step_mask(t, s, B), dense[s:s + B, :s + B]
+    assert (rows is None and bool(want.all())) or torch.equal(rows, want)  # None: a whole block sees everything
+    if t.ntp_len > 1:  # the causal rows of the hybrid layout's first block
+        a = t.cond_len
+        assert torch.equal(step_mask(t, a, 2), dense[a:a + 2, :a + 2]) and not dense[a, a + 1]
 
 
 def test_next_block_targets_hand_made():
@@ -161,11 +171,11 @@ def test_next_block_targets_hand_made():
 
 def test_frame_pred_layout_is_released_k600():
     t = TaskLayout("frame_pred", BlockLayout((5, 16, 16), (1, 1, 16)), video_vocab=64000, context_frames=2)
-    assert (t.vocab_size, t.seq_len, t.context_len, t.steps) == (64000, 1264, 512, 48)
+    assert (t.vocab_size, t.seq_len, t.context_len, count_steps(t)) == (64000, 1264, 512, 48)
     seq = torch.arange(1280)[None]
     inp, tgt = t.train_inputs(seq)
     assert torch.equal(inp, seq[:, :-16]) and torch.equal(tgt, seq[:, 16:])
-    assert torch.equal(t.dense_mask(), nbp_mask(0, 1264, 16))
+    assert torch.equal(t.dense_mask(), _mask(0, 1264, 16))
 
 
 def test_hybrid_layout_is_released_ucf():
@@ -174,7 +184,7 @@ def test_hybrid_layout_is_released_ucf():
     assert len(table) == 101 and table["ApplyEyeMakeup"] == [2, 2, 2, 1, 3394, 10977, 1207, 786]
     t = TaskLayout("hybrid", BlockLayout((5, 16, 16), (1, 1, 16)), video_vocab=64000, num_classes=2,
                    text_ids=tuple(tuple(table[n]) for n in names))
-    assert (t.vocab_size, t.seq_len, t.steps, t.cond_len) == (96016, 1288, 95, 8)
+    assert (t.vocab_size, t.seq_len, count_steps(t), t.cond_len) == (96016, 1288, 95, 8)
     codes = torch.arange(1280)[None] % 64000
     inp, tgt = t.train_inputs(codes, t.cond_ids(torch.tensor([1])))
     v = codes[0] + 32016
@@ -183,7 +193,7 @@ def test_hybrid_layout_is_released_ucf():
     assert inp[0, 25:40].tolist() == list(range(1, 16))
     assert torch.equal(inp[0, 40:], v[16:-16])
     assert (tgt[0, :8] == IGNORE).all() and torch.equal(tgt[0, 8:], v)
-    assert torch.equal(t.dense_mask(), hybrid_mask(1280, 16))
+    assert torch.equal(t.dense_mask(), _mask(8, 1280, 16, ntp_len=16))
     assert t.prompt(t.cond_ids(torch.tensor([0]))).tolist() == [[i + 16 for i in table["ApplyEyeMakeup"]] + [0]]
 
 

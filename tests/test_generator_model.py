@@ -5,6 +5,7 @@ import torch
 
 from nbp.generator.layout import BlockLayout, TaskLayout
 from nbp.generator.model import GPT, PRESETS, KVCache, gpt_config
+from nbp.generator.sampling import step_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -83,7 +84,7 @@ def test_cached_decoding_equals_full_forward(task):
         steps = [(0, P)] + [(s, 1) for s in range(P, t.cond_len + t.ntp_len)]
         s = max(P, t.cond_len + t.ntp_len)
         steps += [(k, B) for k in range(s, t.seq_len, B)]
-        outs = [m(inp[:, a:a + n], t.step_mask(a, n), cache=cache, start=a) for a, n in steps]
+        outs = [m(inp[:, a:a + n], step_mask(t, a, n), cache=cache, start=a) for a, n in steps]
     assert cache.k.data_ptr() == ptr  # written in place, never reallocated
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 

@@ -16,7 +16,7 @@ from nbp.generator import load_generator
 from nbp.generator.data import BatchOrder, TokenShards, write_split
 from nbp.generator.layout import IGNORE, BlockLayout, TaskLayout
 from nbp.generator.model import GPT, GPTConfig, gpt_config, grid_position_code
-from nbp.generator.train import init_grid_positions, lr_at, next_block_loss, param_groups, run_train_generator
+from nbp.generator.train import init_grid_positions, next_block_loss, param_groups, run_train_generator
 
 REPO = Path(__file__).resolve().parents[1]
 GRID, VOCAB, CLASSES = (2, 4, 8), 64, 4
@@ -99,13 +99,6 @@ def test_grid_position_init():
     cells = torch.tensor([[t, h, w] for t in range(GRID[0]) for h in range(GRID[1]) for w in range(GRID[2])])
     torch.testing.assert_close(m.pos_emb[0, 1:], 0.1 * grid_position_code(cells, GRID, 128))
     assert torch.equal(m.pos_emb[0, 0], before[0, 0]) and m.pos_emb.requires_grad
-
-
-def test_lr_schedule():
-    g = load_config(REPO / "params.yaml", settings(Path("/tmp"), lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)).train_generator[
-        "embedded_nbp"]
-    assert lr_at(0, g) == pytest.approx(0.1) and lr_at(9, g) == pytest.approx(1.0)
-    assert lr_at(60, g) == pytest.approx(0.55) and lr_at(110, g) == pytest.approx(0.1)
 
 
 def test_batch_order_epochs_and_ranks():

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nbp import dag
 from nbp.config import load_config
 from nbp.errors import NbpError
 from nbp.metrics.detector import I3D_FILENAME, cached_i3d_weights
-from nbp.metrics.fvd import feature_stats, fvd_features_of_clips, load_stats, run_real_stats, stats_info
+from nbp.metrics.fvd import feature_stats, fvd_features_of_clips, load_stats, stats_info
+from nbp.metrics.real_stats import run_real_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +62,7 @@ def pipeline(tmp_path):
 def test_real_stats_stage(pipeline):
     cfg, clips = pipeline
     out = run_real_stats(cfg, "embedded")
-    assert out == cfg.out_dir("real_stats", "embedded")
+    assert out == Path(dag.folder(cfg, "real_stats", "embedded"))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["n"] == 3 and meta["frames"] == 16 and meta["resolution"] == 32
     picked = meta["clips"]
@@ -81,7 +83,7 @@ def test_real_stats_stage(pipeline):
 
 def test_real_stats_needs_the_detector(pipeline):
     cfg, _ = pipeline
-    (cfg.out_dir("fetch_detector") / I3D_FILENAME).unlink()
+    (Path(dag.folder(cfg, "fetch_detector", None)) / I3D_FILENAME).unlink()
     with pytest.raises(NbpError, match="fetch_detector"):
         run_real_stats(cfg, "embedded")
-    assert not cfg.out_dir("real_stats", "embedded").exists()
+    assert not Path(dag.folder(cfg, "real_stats", "embedded")).exists()

@@ -83,6 +83,7 @@ def test_embedded_dag_shape():
     want = {
         ("download@embedded", "prepare@embedded"), ("prepare@embedded", "real_stats@embedded"),
         ("fetch_detector", "real_stats@embedded"), ("prepare@embedded", "train_tokenizer@embedded"),
+        ("fetch_detector", "train_tokenizer@embedded"),  # the I3D perceptual loss, for entries that ask for it
         ("train_tokenizer@embedded", "eval_tokenizer@embedded"), ("prepare@embedded", "eval_tokenizer@embedded"),
         ("fetch_detector", "eval_tokenizer@embedded"), ("train_tokenizer@embedded", "tokenize@embedded"),
         ("prepare@embedded", "tokenize@embedded"), ("eval_tokenizer@embedded", "tables"),
@@ -91,6 +92,7 @@ def test_embedded_dag_shape():
         want |= {("tokenize@embedded", f"train_generator@{g}"), (f"train_generator@{g}", f"eval_generator@{g}"),
                  ("tokenize@embedded", f"eval_generator@{g}"), ("train_tokenizer@embedded", f"eval_generator@{g}"),
                  ("real_stats@embedded", f"eval_generator@{g}"), ("fetch_detector", f"eval_generator@{g}"),
+                 ("prepare@embedded", f"eval_generator@{g}"),  # labels / context frames of the FVD reference split
                  (f"eval_generator@{g}", "tables")}
     assert e == want
 

@@ -71,6 +71,7 @@ def test_dvc_repro_end_to_end(first_runs, record_property):
     assert ran_dvc(res.stdout) == set(), res.stdout
     assert "Data and pipelines are up to date" in res.stdout
     assert "changed" not in dvc(["status"], repo).stdout
+    check_comment_only_change(repo)
 
     metrics = json.loads(dvc(["metrics", "show", "--json"], repo).stdout)
     files = next(iter(metrics.values()))["data"]
@@ -105,3 +106,25 @@ def test_snakemake_end_to_end(first_runs, record_property):
     set_params(repo / "params.yaml", TOKENIZER_CHANGE)
     planned = ran_snakemake(snakemake(["-n", "-c2"], repo).stdout)
     assert planned == EXPECTED_RERUN
+
+
+def _dvc_changed_stages(repo) -> set[str]:
+    """Stage instances `dvc status` reports (lines `name:` at the start, e.g. `tables:` or `prepare@embedded:`)."""
+    out = dvc(["status"], repo).stdout
+    return {ln[:-1] for ln in out.splitlines() if ln.endswith(":") and not ln.startswith((" ", "\t"))}
+
+
+def check_comment_only_change(repo) -> None:
+    """Code deps are modules, not folders: a comment added to a module leaves `dvc status` clean for every stage
+    that does not import it (before: a docstring edit in nbp/tokenizer invalidated every downstream stage)."""
+    module = "nbp/metrics/image.py"  # the PSNR/SSIM/LPIPS metrics: the tokenizer's training and evaluation only
+    users = {s.name for s in dag.STAGES if module in dag.code_deps(s.name)}
+    assert users == {"train_tokenizer", "eval_tokenizer"}, users
+    path = repo / module
+    text = path.read_text()
+    try:
+        path.write_text(text + "\n# a comment\n")
+        assert _dvc_changed_stages(repo) == {"train_tokenizer@embedded", "eval_tokenizer@embedded"}
+    finally:
+        path.write_text(text)
+    assert _dvc_changed_stages(repo) == set()

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nbp import dag
 from nbp.cli import main as cli_main
 from nbp.errors import NbpError
 from nbp.generator import load_generator
@@ -249,7 +250,7 @@ def test_train_generator_stage_imports_a_released_entry(k600_file, tmp_path):
             "train_generator.released_k600_nbp16.block": [1, 1, B]}
     cfg = load_config(params, over)
     run_train_generator(cfg, "released_k600_nbp16")
-    out = cfg.out_dir("train_generator", "released_k600_nbp16")
+    out = Path(dag.folder(cfg, "train_generator", "released_k600_nbp16"))
     gen = load_generator(out / "generator.pt")
     assert gen.task.task == "frame_pred" and gen.info["source"] == "released" and gen.tokenizer.endswith("tokenizer.pt")
     assert (out / "history.csv").is_file() and (out / "metrics.json").is_file()

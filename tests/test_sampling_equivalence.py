@@ -189,7 +189,7 @@ def test_forward_passes_equal_the_documented_steps(name, spec, steps):
     prompt = _prompt(task, batch=1)
     out = S.generate(model, task, prompt, top_k=100, top_p=0.9, generator=torch.Generator().manual_seed(0))
     h.remove()
-    assert len(calls) == steps == task.steps == S.count_steps(task)
+    assert len(calls) == steps == S.count_steps(task)
     assert out.shape[1] == prompt.shape[1] + task.num_tokens - task.context_len
     if name == "ucf_hybrid":
         assert calls[:2] == [9, 1] and calls[16] == 16 and set(calls[17:]) == {16}

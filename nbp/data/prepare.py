@@ -150,14 +150,13 @@ def _write_manifest(path: Path, videos: list[VideoRecord], ok: list[int], result
     return n
 
 
-def run_prepare(cfg, name: str) -> None:
+def run_prepare(cfg, name: str, paths: dag.StagePaths | None = None) -> None:
     """Stage `prepare`: the clip cache of one `prepare` entry."""
+    paths = paths or dag.resolve(cfg, "prepare", name)
     entry = cfg.entry("prepare", name)
     dl = cfg.entry("download", entry.dataset)
-    src_root = cfg.out_dir("download", entry.dataset)
-    out = cfg.out_dir("prepare", name)
-    if not src_root.is_dir():
-        raise NbpError(f"{src_root}: not found (run `nbp download {entry.dataset}` first)")
+    src_root = paths.need("source")
+    out = paths.folder
     ds = open_dataset(dl.source, src_root, entry.split)
     report: dict = {"dataset": entry.dataset, "source": dl.source, "frames": entry.frames, "fps": entry.fps,
                     "resolution": entry.resolution, "resize": entry.resize, "max_bad_fraction": entry.max_bad_fraction,
@@ -193,7 +192,7 @@ def run_prepare(cfg, name: str) -> None:
                 failures.append(f"{len(bad)} of {len(videos)} {subset} videos are bad ({frac:.1%} > max_bad_fraction "
                                 f"{entry.max_bad_fraction:.1%}; first: {first['video']}: {first['reason']})")
         if failures:
-            log = Path(cfg.run.out) / "logs" / "prepare" / name / "report.json"
+            log = paths.logs / "report.json"
             write_json(log, report)
             raise NbpError(f"prepare.{name}: {'; '.join(failures)}; full list in {log}")
         write_json(tmp / "report.json", report)

@@ -1,5 +1,6 @@
-"""The NBP generator: layouts and masks (``layout``), transformer (``model``), token shards (``tokenize``,
-``data``), training (``train``). ``load_generator`` opens a trained (or imported released) generator."""
+"""The NBP generator: layouts and masks (``layout``), transformer (``model``), token shards (``data``; written by
+:mod:`nbp.tokenizer.tokenize`), sampling, training (``train``), evaluation, released-checkpoint import.
+``load_generator`` opens a trained (or imported released) generator."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ if TYPE_CHECKING:  # imports stay lazy: `import nbp.generator` must not pull tor
     from nbp.generator.model import GPT
 
 FORMAT = "nbp-generator"
+HISTORY_COLUMNS = ["step", "train_loss", "val_loss", "acc1", "acc5", "lr", "tokens_per_s"]  # history.csv
 
 
 @dataclass

@@ -31,10 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbp import dag
 from nbp.config import Config, to_dict
+from nbp.data.clips import ClipCache
+from nbp.data.video_io import to_uint8_video, video_grid, write_gif, write_video
+from nbp.distributed import device_name, resolve_device
 from nbp.errors import NbpError
 from nbp.generator import LoadedGenerator, load_generator
-from nbp.generator.sampling import codes_of, prompt_ids
+from nbp.generator.model import GPT
+from nbp.generator.sampling import codes_of, count_steps, prompt_ids
+from nbp.io import atomic_dir, write_json
+from nbp.metrics import fvd
+from nbp.tokenizer import load_tokenizer
 from nbp.tracking import progress
 
 
@@ -144,51 +152,33 @@ class GridPicker:
         return np.stack(self.real + self.videos if self.real else clips), len(self.videos), []
 
 
-def write_grid(out: Path, videos: np.ndarray, fps: float, ncols: int) -> None:
-    from nbp.data.video_io import video_grid, write_gif, write_video
-
+def write_grid(out: Path, videos: np.ndarray, fps: float, ncols: int,
+               names: tuple[str, str] = ("samples.mp4", "samples.gif")) -> None:
+    """The sample grid as a video and a GIF (``names``) in ``out``."""
     grid = video_grid(videos, ncols=ncols, min_side=64)
-    write_video(out / "samples.mp4", grid, fps=fps)
-    write_gif(out / "samples.gif", grid, fps=fps)
+    write_video(out / names[0], grid, fps=fps)
+    write_gif(out / names[1], grid, fps=fps)
 
 
-def run_eval_generator(cfg: Config, name: str) -> Path:
+def run_eval_generator(cfg: Config, name: str, paths: dag.StagePaths | None = None) -> Path:
     """Evaluate one ``eval_generator`` entry -> ``{run.out}/eval_generator/{name}/``."""
-    from nbp.data.clips import ClipCache
-    from nbp.data.video_io import to_uint8_video
-    from nbp.distributed import resolve_device
-    from nbp.generator.train import device_name
-    from nbp.io import atomic_dir, write_json
-    from nbp.metrics import fvd
-    from nbp.metrics.detector import I3D_FILENAME
-    from nbp.tokenizer import load_tokenizer
-
+    paths = paths or dag.resolve(cfg, "eval_generator", name)
     ec = cfg.entry("eval_generator", name)
-    g = cfg.entry("train_generator", ec.generator)
     rs = cfg.entry("real_stats", ec.real_stats)
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
 
-    gen_path = cfg.out_dir("train_generator", ec.generator) / "generator.pt"
-    if not gen_path.is_file():
-        raise NbpError(f"{gen_path}: not found (run `nbp train_generator {ec.generator}` first)")
+    gen_path, tok_path = paths.need("generator"), paths.need("tokenizer")
     gen = load_generator(gen_path, device)
-    tok_name = cfg.tokenize[g.tokens].tokenizer
-    tok_path = cfg.out_dir("train_tokenizer", tok_name) / "tokenizer.pt"
-    if not tok_path.is_file():
-        raise NbpError(f"{tok_path}: not found (run `nbp train_tokenizer {tok_name}` first)")
     tok = load_tokenizer(tok_path, device)
     if tok.vocab_size != gen.task.video_vocab:
         raise NbpError(f"{gen_path}: generator codes ({gen.task.video_vocab}) do not match {tok_path} ({tok.vocab_size})")
-    stats_path = cfg.out_dir("real_stats", ec.real_stats) / "stats.npz"
+    stats_path = paths.need("real_stats") / "stats.npz"
     mu_real, sigma_real = fvd.load_stats(stats_path)
-    weights = cfg.out_dir("fetch_detector") / I3D_FILENAME
-    if not weights.is_file():
-        raise NbpError(f"{weights}: I3D weights missing (run `nbp fetch_detector` first)")
-    i3d = fvd.get_i3d(weights, device)
+    i3d = fvd.get_i3d(paths.need("detector"), device)
 
     task = gen.task
-    cache = ClipCache(cfg.out_dir("prepare", rs.dataset), rs.split)
+    cache = ClipCache(paths.need("clips"), rs.split)
     num = ec.num_videos
     labels = context = None
     if task.task in ("class", "hybrid"):
@@ -222,8 +212,6 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
     per_seed = score(gen, list(ec.seeds), timer, picker, name)
     untrained = None
     if ec.untrained_baseline:  # the same architecture and sampling, freshly initialised (seeded by run.seed)
-        from nbp.generator.model import GPT
-
         torch.manual_seed(cfg.run.seed)
         fresh = LoadedGenerator(GPT(gen.model.config).to(device).eval(), task)
         untrained = score(fresh, list(ec.seeds)[:1], Timer(device), None, f"{name} (untrained)")[0]
@@ -236,7 +224,7 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
     names = {int(c["label"]): c["name"] for c in cache.classes}
     metrics = {
         "gfvd": gfvd, "gfvd_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-        "gfvd_per_seed": per_seed, "seeds": list(ec.seeds), "gfvd_untrained": untrained, "steps": task.steps,
+        "gfvd_per_seed": per_seed, "seeds": list(ec.seeds), "gfvd_untrained": untrained, "steps": count_steps(task),
         "tokens_per_video": task.num_tokens - task.context_len, "num_videos": num, "frames_per_video": frames_per_video,
         "generate_seconds": round(s["generate"], 3), "encode_seconds": round(s["encode"], 3),
         "decode_seconds": round(s["decode"], 3), "fvd_seconds": round(s["fvd"], 3),
@@ -250,10 +238,10 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
                     "top: real clips, bottom: their predictions" if task.task == "frame_pred" else "unconditional samples"),
     }
     fps_video = cfg.prepare[rs.dataset].fps
-    with atomic_dir(cfg.out_dir("eval_generator", name)) as tmp:
-        write_grid(tmp, clips, fps_video, ncols=ncols)
-        write_json(tmp / "metrics.json", metrics)
+    with atomic_dir(paths.folder) as tmp:
+        write_grid(tmp, clips, fps_video, ncols=ncols, names=(paths.name("video"), paths.name("grid")))
+        write_json(tmp / paths.name("metrics"), metrics)
     print(f"eval_generator {name}: gFVD {gfvd:.1f}" + (f" +- {metrics['gfvd_std']:.1f}" if len(per_seed) > 1 else "")
           + (f" (untrained: {untrained:.1f})" if untrained is not None else "")
-          + f", {task.steps} steps, {metrics['fps']:.2f} frames/s ({metrics['device']})")
-    return cfg.out_dir("eval_generator", name)
+          + f", {count_steps(task)} steps, {metrics['fps']:.2f} frames/s ({metrics['device']})")
+    return paths.folder

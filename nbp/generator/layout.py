@@ -148,22 +148,6 @@ def mask_from_block_ids(bid: torch.Tensor) -> torch.Tensor:
     return bid[None, :] <= bid[:, None]
 
 
-def nbp_mask(prefix_len: int, num_tokens: int, block_size: int, ntp_len: int = 0, device=None) -> torch.Tensor:
-    """Dense bool mask [L, L], L = prefix_len + num_tokens: prefix visible to all positions (and
-    bidirectional within itself), bidirectional inside a block, causal across blocks. ``ntp_len``
-    positions after the prefix are plain causal (blocks start after them)."""
-    bid = block_ids(prefix_len + num_tokens, prefix_len, block_size, ntp_len)
-    return mask_from_block_ids(bid).to(device)
-
-
-def hybrid_mask(num_tokens: int, block_size: int, text_len: int = TEXT_LEN, device=None) -> torch.Tensor:
-    """The released UCF hybrid mask [L, L], L = text_len + num_tokens (NBP.md section 2): every position
-    sees all text positions (pads included); plain causal from the bov to the end of the first block
-    (positions text_len .. text_len+B-1); from text_len + B on, blocks of B, bidirectional inside,
-    causal across."""
-    return nbp_mask(text_len, num_tokens, block_size, ntp_len=block_size, device=device)
-
-
 def block_mask_mod(bid: torch.Tensor, q_offset: int = 0):
     """FlexAttention ``mask_mod`` for the same rule; query index q is absolute position q + q_offset."""
 
@@ -298,14 +282,6 @@ class TaskLayout:
         """hybrid: the middle-bos ids 1..B-1 fed after the first block."""
         return torch.arange(1, self.block_size)
 
-    @property
-    def steps(self) -> int:
-        """Forward passes needed to generate a video with a KV cache."""
-        B, N = self.block_size, self.num_tokens
-        if self.task == "hybrid":
-            return B + (N - B) // B
-        return (N - self.context_len) // B
-
     # ---- ids ----------------------------------------------------------------------------
     def video_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.long() + self.video_offset
@@ -386,11 +362,6 @@ class TaskLayout:
     def block_mask(self, length: int | None = None, device=None):
         """FlexAttention BlockMask of the training input (or a prefix of ``length``)."""
         return flex_block_mask(self.block_ids(length), device=device)
-
-    def step_mask(self, start: int, length: int, device=None) -> torch.Tensor:
-        """Dense mask rows for a cached decode step: queries [start, start+length) over keys [0, start+length)."""
-        bid = self.block_ids(start + length)
-        return mask_from_block_ids(bid)[start:].to(device)
 
     def describe(self) -> dict:
         """Plain-data description stored in checkpoints (``from_dict`` inverts it)."""

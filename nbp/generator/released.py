@@ -31,10 +31,15 @@ from typing import Any
 
 import torch
 
+from nbp import dag
+from nbp.config import ConfigError, to_dict
+from nbp.data.fetch import obtain
 from nbp.errors import NbpError
-from nbp.generator import FORMAT, LoadedGenerator, generator_from_checkpoint
+from nbp.generator import FORMAT, HISTORY_COLUMNS, LoadedGenerator, generator_from_checkpoint
 from nbp.generator.layout import TEXT_IDS_FILE, TEXT_LEN, TEXT_VOCAB, BlockLayout, TaskLayout, ucf101_text_ids
 from nbp.generator.model import GPT, GPTConfig
+from nbp.generator.sampling import count_steps
+from nbp.training import export_released
 
 GEN_PREFIX = "transformer."
 IGNORED_PREFIXES = {"first_stage_model.": "the frozen video tokenizer (import it with --tokenizer-out)"}
@@ -264,41 +269,25 @@ def load_released_generator(path: str | Path, device="cpu", **overrides) -> Load
     return generator_from_checkpoint(import_released_generator(path, **overrides), device)
 
 
-def run_import_released(cfg, name: str) -> Path:
+def run_import_released(cfg, name: str, paths) -> Path:
     """Stage ``train_generator`` with ``source: released``: fetch (URL) or read (path) the ``.ckpt``, convert it,
     check it against the entry (task, block), write ``generator.pt``, an empty ``history.csv`` and ``metrics.json``."""
-    import pandas as pd
-
-    from nbp.checkpoint import save_checkpoint
-    from nbp.config import ConfigError, to_dict
-    from nbp.data.download import fetch, sha256_file
-    from nbp.generator.train import HISTORY_COLUMNS
-    from nbp.io import atomic_dir, write_json
-
     g = cfg.entry("train_generator", name)
     src = g.checkpoint
     if src is None:
         raise ConfigError(f"train_generator.{name}.checkpoint", "source is 'released' but no checkpoint is given")
-    if "://" in src:
-        path = fetch(src, Path(cfg.run.out) / "checkpoints" / "train_generator" / name / Path(src.split("?")[0]).name)
-    else:
-        path = Path(src)
+    path, sha = obtain(src, paths.state)
     B = g.block[0] * g.block[1] * g.block[2]
     ckpt = import_released_generator(path, block=B, context_frames=g.context_frames)
     task = ckpt["task"]
     if task["task"] != g.task or tuple(task["block"]) != tuple(g.block):
         raise ConfigError(f"train_generator.{name}", f"the released file is task {task['task']!r} with block {task['block']}, "
                           f"the entry says {g.task!r} with {list(g.block)}")
-    tok = cfg.tokenize[g.tokens].tokenizer
-    ckpt.update(tokenizer=str(cfg.out_dir("train_tokenizer", tok) / "tokenizer.pt"), sha256=sha256_file(path),
-                released_file=src, params=to_dict(g))
+    tokenizer = f"{dag.folder(cfg, 'train_tokenizer', dag.gen_tokenizer(cfg, name))}/tokenizer.pt"
+    ckpt.update(tokenizer=tokenizer, sha256=sha, released_file=src, params=to_dict(g))
     c = ckpt["config"]
-    n_params = sum(v.numel() for v in ckpt["model"].values())
-    with atomic_dir(cfg.out_dir("train_generator", name)) as tmp:
-        save_checkpoint(tmp / "generator.pt", ckpt)
-        pd.DataFrame([], columns=HISTORY_COLUMNS).to_csv(tmp / "history.csv", index=False)
-        write_json(tmp / "metrics.json", {"source": "released", "checkpoint": src, "sha256": ckpt["sha256"], "params": n_params,
-                                          "n_layer": c["n_layer"], "n_embd": c["n_embd"], "n_head": c["n_head"],
-                                          "task": task["task"], "block": task["block"], "ignored": ckpt["ignored"],
-                                          "generation_steps": TaskLayout.from_dict(task).steps})
-    return cfg.out_dir("train_generator", name)
+    export_released(paths, "generator", ckpt, {
+        "source": "released", "checkpoint": src, "sha256": sha, "params": sum(v.numel() for v in ckpt["model"].values()),
+        "n_layer": c["n_layer"], "n_embd": c["n_embd"], "n_head": c["n_head"], "task": task["task"], "block": task["block"],
+        "ignored": ckpt["ignored"], "generation_steps": count_steps(TaskLayout.from_dict(task))}, HISTORY_COLUMNS)
+    return paths.folder

@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbp.data.video_io import read_clip, to_uint8_video, video_grid, write_gif, write_video
+from nbp.distributed import resolve_device
 from nbp.errors import NbpError
+from nbp.generator import load_generator
+from nbp.generator.evaluate import context_pixel_frames
+from nbp.generator.sampling import codes_of, count_steps, prompt_ids
+from nbp.tokenizer import load_magvit2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,20 +65,11 @@ def resolve_classes(items: list[str], classes: list[dict], num_classes: int) -> 
 
 def read_context(path: str, frames: int, size: int, fps: float) -> torch.Tensor:
     """The first ``frames`` frames of a video at ``fps``, resized to size x size -> float [1, 3, frames, size, size]."""
-    from nbp.data.video_io import read_clip
-
     clip = read_clip(path, frames=frames, fps=fps, start="first", size=size)  # uint8 [frames, H, W, 3]
     return torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)[None].float().div_(255.0)  # [1, 3, T, H, W]
 
 
 def main(args: argparse.Namespace) -> int:
-    from nbp.data.video_io import to_uint8_video, video_grid, write_gif, write_video
-    from nbp.distributed import resolve_device
-    from nbp.generator import load_generator
-    from nbp.generator.evaluate import context_pixel_frames
-    from nbp.generator.sampling import codes_of, prompt_ids
-    from nbp.tokenizer import load_magvit2
-
     device = resolve_device(args.device)
     gen = load_generator(args.checkpoint, device)
     task = gen.task
@@ -113,5 +110,5 @@ def main(args: argparse.Namespace) -> int:
     grid = video_grid(videos, ncols=min(len(videos), 8))
     write_video(out / "grid.mp4", grid, fps=args.fps)
     write_gif(out / "grid.gif", grid, fps=args.fps)
-    print(f"{len(videos)} videos ({task.steps} steps each) -> {out}")
+    print(f"{len(videos)} videos ({count_steps(task)} steps each) -> {out}")
     return 0

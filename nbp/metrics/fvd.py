@@ -14,7 +14,6 @@ Under torchrun each rank extracts a contiguous shard; the shards are gathered so
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -117,7 +116,7 @@ def _batches(videos: Any, batch_size: int) -> tuple[Iterable, int | None]:
     return iter(videos), None
 
 
-class _Rows:
+class Rows:
     """Rows ``index`` of a numpy/memmap/torch array, itself indexable by slices (a lazy subset of a memmap)."""
 
     def __init__(self, data: Any, index: np.ndarray):
@@ -172,7 +171,7 @@ def _extract_sharded(videos: Any, model: torch.nn.Module, **kw) -> np.ndarray:
     n, bs = len(videos), kw["batch_size"]
     nb = -(-n // bs)  # whole batches per rank: every clip sees the same batch as in a single process
     lo, hi = min(n, nb * rank // world * bs), min(n, nb * (rank + 1) // world * bs)
-    part = videos[lo:hi] if isinstance(videos, (np.ndarray, torch.Tensor)) else _Rows(videos, np.arange(lo, hi))
+    part = videos[lo:hi] if isinstance(videos, (np.ndarray, torch.Tensor)) else Rows(videos, np.arange(lo, hi))
     feats = torch.from_numpy(extract_features(part, model, distributed=False, **kw))  # [hi - lo, D]
     # all_gather needs equal sizes: pad every shard to the largest, then cut
     sizes = [min(n, nb * (r + 1) // world * bs) - min(n, nb * r // world * bs) for r in range(world)]
@@ -312,44 +311,5 @@ def choose_clips(video_ids: Any, n: int, seed: int) -> np.ndarray:
     return np.sort(picked)
 
 
-def run_real_stats(cfg, name: str) -> Path:
-    """Stage ``real_stats``: I3D statistics of a prepared split's real clips -> stats.npz, features.npy, meta.json."""
-    from nbp.data.clips import ClipCache
-    from nbp.distributed import init_distributed, resolve_device
-    from nbp.io import atomic_dir, write_json
-    from nbp.metrics.detector import I3D_FILENAME
-
-    rc = cfg.entry("real_stats", name)
-    device = resolve_device(cfg.run.device)
-    info = init_distributed(device)
-    weights = cfg.out_dir("fetch_detector") / I3D_FILENAME
-    if not weights.is_file():
-        raise NbpError(f"{weights}: I3D weights missing (run `nbp fetch_detector` first)")
-    cache = ClipCache(cfg.out_dir("prepare", rc.dataset), rc.split)
-    if len(cache) < 2:
-        raise NbpError(f"{cfg.out_dir('prepare', rc.dataset)}/{rc.split}: {len(cache)} clips, FVD statistics need at least 2")
-    index = choose_clips(cache.video_ids, rc.num_videos, cfg.run.seed)
-    t0 = time.time()
-    feats = extract_features(_Rows(cache.frames, index), get_i3d(weights, device), batch_size=rc.batch_size, device=device,
-                             frames=rc.frames, resolution=rc.resolution, sampling="first",
-                             desc=f"real_stats {name}")
-    seconds = time.time() - t0
-    out = cfg.out_dir("real_stats", name)
-    if info.is_main:
-        protocol = {"frames": rc.frames, "resolution": rc.resolution, "sampling": "first", "feature": "i3d-kinetics-400 logits"}
-        with atomic_dir(out) as tmp:
-            np.save(tmp / "features.npy", feats)
-            save_stats(tmp / "stats.npz", feats, dataset=rc.dataset, split=rc.split, **protocol)
-            write_json(tmp / "meta.json", {"dataset": rc.dataset, "split": rc.split, "n": int(len(feats)),
-                                           "clips": [int(i) for i in index], **protocol, "device": str(device),
-                                           "world_size": info.world_size, "seconds": round(seconds, 2),
-                                           "clips_per_second": round(len(feats) / max(seconds, 1e-9), 3)})
-        print(f"real_stats {name}: {len(feats)} clips of {rc.dataset}/{rc.split} -> {out}/stats.npz "
-              f"({seconds:.1f} s, {len(feats) / max(seconds, 1e-9):.2f} clips/s)")
-    if info.enabled:
-        dist.barrier()
-    return out
-
-
 __all__ = ["preprocess", "resize_clips", "extract_features", "fvd_features_of_clips", "feature_stats", "frechet_distance",
-           "frechet_distance_from_stats", "save_stats", "load_stats", "stats_info", "run_real_stats", "get_i3d"]
+           "frechet_distance_from_stats", "save_stats", "load_stats", "stats_info", "get_i3d", "Rows"]

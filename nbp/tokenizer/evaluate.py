@@ -17,10 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nbp import dag
 from nbp.config import Config
-from nbp.distributed import resolve_device
+from nbp.data.clips import ClipCache
+from nbp.data.video_io import video_grid, write_video
+from nbp.distributed import resolve_device, sync
 from nbp.errors import NbpError
 from nbp.io import atomic_dir, write_json
+from nbp.metrics import fvd
+from nbp.metrics.image import lpips, lpips_available, psnr, ssim
 from nbp.tokenizer import load_tokenizer
 from nbp.tracking import progress
 
@@ -34,29 +39,19 @@ def codebook_stats(counts: np.ndarray) -> tuple[float, float]:
     return float((counts > 0).mean()), float(np.exp(-(p * np.log(p)).sum()))
 
 
-def run_eval_tokenizer(cfg: Config, name: str) -> Path:
-    from nbp.data.clips import ClipCache
-    from nbp.data.video_io import video_grid, write_video
-    from nbp.metrics.detector import I3D_FILENAME
-    from nbp.metrics.fvd import FRAMES, frechet_distance, get_i3d, preprocess
-    from nbp.metrics.image import lpips, lpips_available, psnr, ssim
-
+def run_eval_tokenizer(cfg: Config, name: str, paths: dag.StagePaths | None = None) -> Path:
+    paths = paths or dag.resolve(cfg, "eval_tokenizer", name)
     ecfg = cfg.entry("eval_tokenizer", name)
     tcfg = cfg.entry("train_tokenizer", ecfg.tokenizer)
-    tok_path = cfg.out_dir("train_tokenizer", ecfg.tokenizer) / "tokenizer.pt"
-    if not tok_path.is_file():
-        raise NbpError(f"{tok_path}: not found (run `nbp train_tokenizer {ecfg.tokenizer}` first)")
-    weights = cfg.out_dir("fetch_detector") / I3D_FILENAME
-    if not weights.is_file():
-        raise NbpError(f"{weights}: I3D weights missing for rFVD (run `nbp fetch_detector` first)")
+    tok_path, weights, clips = paths.need("tokenizer"), paths.need("detector"), paths.need("clips")
     device = resolve_device(cfg.run.device)
     model = load_tokenizer(tok_path, device)
-    val = ClipCache(cfg.out_dir("prepare", tcfg.dataset), "val")
+    val = ClipCache(clips, "val")
     n = min(ecfg.num_videos, len(val))
     if n < 2:
-        raise NbpError(f"{cfg.out_dir('prepare', tcfg.dataset)}/val: {len(val)} clips, rFVD needs at least 2")
+        raise NbpError(f"{clips}/val: {len(val)} clips, rFVD needs at least 2")
     T, H, W = val.shape
-    i3d = get_i3d(weights, device)
+    i3d = fvd.get_i3d(weights, device)
     with_lpips = lpips_available()
 
     counts = np.zeros(model.vocab_size, dtype=np.int64)
@@ -71,10 +66,10 @@ def run_eval_tokenizer(cfg: Config, name: str) -> Path:
         with torch.inference_mode():
             t0 = time.perf_counter()
             codes = model.encode_codes(x)  # [B, T', H', W']
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             rec = model.decode_codes(codes)  # [B, 3, T, H, W] in [0, 1]
-            _sync(device)
+            sync(device)
             t2 = time.perf_counter()
         enc_s, dec_s = enc_s + t1 - t0, dec_s + t2 - t1
         rec_u8 = (rec * 255).round_().to(torch.uint8)  # [B, 3, T, H, W]
@@ -86,7 +81,7 @@ def run_eval_tokenizer(cfg: Config, name: str) -> Path:
             scores["lpips"].append(lpips(x, recf).cpu().numpy())
         with torch.inference_mode():  # one I3D pass over real and reconstructed clips (FVD protocol at the data's size)
             both = torch.cat([torch.from_numpy(real_u8).to(device), rec_u8.permute(0, 2, 3, 4, 1)])  # uint8 [2B, T, H, W, 3]
-            f = i3d(preprocess(both, FRAMES, resolution=H, sampling="first")).float().cpu().numpy()  # [2B, 400]
+            f = i3d(fvd.preprocess(both, fvd.FRAMES, resolution=H, sampling="first")).float().cpu().numpy()  # [2B, 400]
         feats_real.append(f[: len(x)])
         feats_rec.append(f[len(x):])
         pick = shown[(shown >= lo) & (shown < lo + len(x))] - lo
@@ -99,7 +94,7 @@ def run_eval_tokenizer(cfg: Config, name: str) -> Path:
     usage, perplexity = codebook_stats(counts)
     psnr_all = np.concatenate(scores["psnr"])
     metrics = {
-        "rfvd": frechet_distance(np.concatenate(feats_real), np.concatenate(feats_rec)),
+        "rfvd": fvd.frechet_distance(np.concatenate(feats_real), np.concatenate(feats_rec)),
         "psnr": float(np.mean(psnr_all[np.isfinite(psnr_all)])) if np.isfinite(psnr_all).any() else float("inf"),
         "ssim": float(np.mean(np.concatenate(scores["ssim"]))),
         "lpips": float(np.mean(np.concatenate(scores["lpips"]))) if with_lpips else None,
@@ -116,17 +111,13 @@ def run_eval_tokenizer(cfg: Config, name: str) -> Path:
         "tokenizer": str(tok_path),
     }
     grid = video_grid(np.concatenate(grid_real + grid_rec), ncols=len(shown), min_side=64)
-    out = cfg.out_dir("eval_tokenizer", name)
+    out = paths.folder
     fps = float(cfg.prepare[tcfg.dataset].fps)
     with atomic_dir(out) as tmp:
-        write_json(tmp / "metrics.json", metrics)
-        write_video(tmp / "recon.mp4", grid, fps=fps)
-        write_video(tmp / "recon.gif", grid, fps=fps)
+        write_json(tmp / paths.name("metrics"), metrics)
+        write_video(tmp / paths.name("video"), grid, fps=fps)
+        write_video(tmp / paths.name("grid"), grid, fps=fps)
     print(f"eval_tokenizer {name}: rFVD {metrics['rfvd']:.2f}  PSNR {metrics['psnr']:.2f}  SSIM {metrics['ssim']:.4f}  "
           f"codebook {usage:.1%} (perplexity {perplexity:.1f})  -> {out}")
     return out
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

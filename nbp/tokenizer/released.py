@@ -21,9 +21,13 @@ import torch
 import torch.nn as nn
 
 from nbp.checkpoint import read_torch_file
+from nbp.config import ConfigError, to_dict
+from nbp.data.fetch import obtain
 from nbp.errors import NbpError
+from nbp.tokenizer import tokenizer_checkpoint
 from nbp.tokenizer.fsq import FSQ
 from nbp.tokenizer.model import PRESETS, CausalConv3d, DepthToSpace, FrameGroupNorm, ResBlock, Swish, VideoTokenizer
+from nbp.training import export_released
 
 PREFIX = "module."
 
@@ -127,3 +131,21 @@ def model_from_released_state(state: dict, device="cpu", config=None, source: st
     shell.load_state_dict(mapped, strict=True, assign=True)  # takes the file's tensors: no random init of 370M weights
     shell.fsq = FSQ(cfg.levels)  # its constant (non-persistent) buffers were built on the meta device
     return shell.to(device).eval()
+
+
+def import_released(cfg, name: str, tcfg, paths) -> Path:
+    """Stage ``train_tokenizer`` with ``source: released``: fetch (URL) or read (path) a ``magvit2_*.pt``, convert it
+    strictly, write our ``tokenizer.pt``, an empty ``history.csv`` and ``metrics.json``."""
+    src = tcfg.checkpoint
+    if src is None:
+        raise ConfigError(f"train_tokenizer.{name}.checkpoint", "source is 'released' but no checkpoint is given")
+    path, sha = obtain(src, paths.state)
+    model = load_released(path)
+    p = cfg.prepare[tcfg.dataset]
+    ckpt = tokenizer_checkpoint(model, preset="base", source="released", released_file=src, sha256=sha, dataset=tcfg.dataset,
+                                clip={"frames": p.frames, "height": p.resolution, "width": p.resolution},
+                                train_config=to_dict(tcfg))
+    export_released(paths, "tokenizer", ckpt, {
+        "source": "released", "checkpoint": src, "sha256": sha, "params": sum(q.numel() for q in model.parameters()),
+        "vocab_size": model.vocab_size, "latent_grid": list(model.latent_grid(p.frames, p.resolution, p.resolution))})
+    return paths.folder

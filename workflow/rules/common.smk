@@ -23,20 +23,34 @@ def entries(stage):
     return "|".join(names) if names else "(?!)"
 
 
-def stage_outputs(stage, entry="{entry}"):
-    """Output files of a stage; `directory()` for folder outputs. `entry` stays a wildcard by default."""
+def _entry(stage):
+    return None if dag.BY_NAME[stage].is_global else "{entry}"
+
+
+def stage_outputs(stage):
+    """role -> output path of a stage (`directory()` for folder outputs); `{entry}` stays a wildcard."""
     s = dag.BY_NAME[stage]
-    base = dag.folder(CFG, stage, entry if not s.is_global else None)
-    out = []
-    for rel in s.outs + s.metrics + tuple(p for p, _ in s.plots):
+    base = dag.folder(CFG, stage, _entry(stage))
+    out = {}
+    for role, rel in s.rel_outputs().items():
         path = f"{base}/{rel}" if rel else base
-        out.append(directory(path) if dag.is_dir_output(stage, rel) else path)
+        out[role] = directory(path) if dag.is_dir_output(stage, rel) else path
     return out
 
 
 def stage_inputs(stage):
-    """A function of the wildcards: code files (of this checkout) and upstream outputs of one stage instance."""
-    return lambda wc: dag.inputs(CFG, stage, wc.get("entry"), root=Path(workflow.basedir))
+    """A function of the wildcards: role -> upstream output (as `nbp <stage>` receives them), and `code`: the
+    modules the stage imports (files of this checkout)."""
+
+    def inputs(wc):
+        named = {"code": list(dag.code_deps(stage, Path(workflow.basedir)))}
+        return named | dag.input_files(CFG, stage, wc.get("entry"))
+
+    return inputs
+
+
+def stage_log(stage):
+    return f"logs/{stage}.log" if dag.BY_NAME[stage].is_global else f"logs/{stage}/{{entry}}.log"
 
 
 def stage_params(stage):
@@ -48,12 +62,13 @@ def stage_resource(stage, key):
     return lambda wc: dag.resources(CFG, stage, wc.get("entry"))[key]
 
 
-def stage_launcher(stage):
-    """`nbp`, or torchrun over the job's GPUs for training stages: `resources.gpu` on one node, or
-    `resources.gpus_per_node` on each of `resources.nodes` nodes."""
+def stage_command(stage):
+    """`nbp <stage> [entry]`, started by torchrun over the job's GPUs for training stages: `resources.gpu` on one
+    node, or `resources.gpus_per_node` on each of `resources.nodes` nodes."""
 
-    def launch(wildcards, resources):
+    def command(wildcards, resources):
         gpus = resources.get("gpus_per_node") or resources.get("gpu") or 0
-        return dag.launcher(stage, int(gpus), int(resources.get("nodes") or 1))
+        launcher = dag.launcher(stage, int(gpus), int(resources.get("nodes") or 1))
+        return dag.command(stage, wildcards.get("entry"), launcher)
 
-    return launch
+    return command

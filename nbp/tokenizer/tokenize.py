@@ -1,4 +1,5 @@
-"""Stage ``tokenize``: encode the prepared clips once into token shards (format in :mod:`nbp.generator.data`).
+"""Stage ``tokenize``: encode the prepared clips once into token shards (format in :mod:`nbp.generator.data`,
+the generator's reader).
 
 Generator training reads only these shards. For training clips, the first ``train_clips_per_video``
 clips of each video (of the random-start clips ``prepare`` kept) are encoded, so training still sees
@@ -14,9 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nbp import dag
 from nbp.config import Config, ConfigError
+from nbp.data.clips import ClipCache
+from nbp.distributed import resolve_device
 from nbp.generator.data import token_dtype, write_split
 from nbp.io import atomic_dir, write_json
+from nbp.tokenizer import load_tokenizer
 from nbp.tracking import progress
 
 
@@ -47,11 +52,8 @@ def encode_clips(clips, indices: np.ndarray, encode: Callable[[torch.Tensor], to
     return out
 
 
-def run_tokenize(cfg: Config, name: str) -> None:
-    from nbp.data.clips import ClipCache
-    from nbp.distributed import resolve_device
-    from nbp.tokenizer import load_tokenizer
-
+def run_tokenize(cfg: Config, name: str, paths: dag.StagePaths | None = None) -> None:
+    paths = paths or dag.resolve(cfg, "tokenize", name)
     tcfg = cfg.entry("tokenize", name)
     tok_cfg = cfg.train_tokenizer[tcfg.tokenizer]
     prep_cfg = cfg.prepare[tok_cfg.dataset]
@@ -59,13 +61,12 @@ def run_tokenize(cfg: Config, name: str) -> None:
         raise ConfigError(f"tokenize.{name}.train_clips_per_video",
                           f"{tcfg.train_clips_per_video} > the {prep_cfg.train_clips_per_video} clips per video that "
                           f"prepare.{tok_cfg.dataset} keeps", cfg.params_file)
-    tok_path = cfg.out_dir("train_tokenizer", tcfg.tokenizer) / "tokenizer.pt"
+    tok_path, prep = paths.need("tokenizer"), paths.need("clips")
     device = resolve_device(cfg.run.device)
     tok = load_tokenizer(tok_path, device)
-    prep = cfg.out_dir("prepare", tok_cfg.dataset)
     t0 = time.time()
     counts, grid, classes = {}, None, None
-    with atomic_dir(cfg.out_dir("tokenize", name)) as tmp:
+    with atomic_dir(paths.folder) as tmp:
         for split in ("train", "val"):
             clips = ClipCache(prep, split)
             classes = clips.classes

@@ -10,8 +10,8 @@ import torch
 
 from nbp.config import load_config
 from nbp.generator.data import TokenShards
-from nbp.generator.tokenize import run_tokenize, select_clips
 from nbp.tokenizer import VideoTokenizer, preset, tokenizer_checkpoint
+from nbp.tokenizer.tokenize import run_tokenize, select_clips
 
 REPO = Path(__file__).resolve().parents[1]
 
