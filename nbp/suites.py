@@ -52,45 +52,96 @@ def _flow(names: list[str]) -> str:
     return "[" + ", ".join(names) + "]"
 
 
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _value_end(body: list[str], idx: int, indent: int) -> int:
+    """One past the last line of the value whose key is on ``body[idx]`` (at ``indent`` spaces).
+
+    Its continuation lines are indented deeper (a block list, a flow list wrapped over lines) or, for a block list
+    written without indentation (``key:`` then ``- item`` at the key's column, as DVC's YAML dump writes it), start
+    with ``-`` at the key's column. Blank and comment lines after the value are not part of it."""
+    last = idx
+    for j in range(idx + 1, len(body)):
+        line = body[j].rstrip("\r\n")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if _indent(line) > indent or (_indent(line) == indent and (stripped == "-" or stripped.startswith("- "))):
+            last = j
+            continue
+        break
+    return last + 1
+
+
 def rewrite_run(text: str, lists: dict[str, list[str]], source: str = DEFAULT_PARAMS) -> str:
     """``text`` with the given keys of its top-level ``run:`` mapping replaced by flow lists; nothing else changes.
 
-    A key's old value may span several lines (a block list); its trailing comment on the key line is kept.
+    A key's old value may be a flow list (on one line or wrapped) or a block list (indented, or at the key's column
+    as ``dvc exp run`` leaves it); its trailing comment on the key line is kept. :func:`select` checks the result.
     """
     lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if re.match(r"run:\s*(#.*)?$", ln.rstrip("\n"))), None)
+    start = next((i for i, ln in enumerate(lines) if re.match(r"run:\s*(#.*)?$", ln.rstrip("\r\n"))), None)
     if start is None:
-        raise ConfigError("run", "no top-level `run:` section to rewrite", source)
+        raise ConfigError("run", "no top-level block mapping `run:` to rewrite (edit the run lists by hand)", source)
     end = next((i for i in range(start + 1, len(lines)) if re.match(r"[^\s#]", lines[i])), len(lines))
     body = lines[start + 1:end]
-    indent = next((re.match(r"(\s+)\S", ln).group(1) for ln in body if re.match(r"\s+[^\s#]", ln)), "  ")
+    indent = next((_indent(ln) for ln in body if re.match(r"\s+[^\s#]", ln)), 2)
+    newline = "\r\n" if lines[start].endswith("\r\n") else "\n"
     for key, names in lists.items():
-        pat = re.compile(rf"{re.escape(indent)}{key}:(?P<value>[^#\n]*)(?P<comment>#.*)?$")
-        idx = next((i for i, ln in enumerate(body) if pat.match(ln.rstrip("\n"))), None)
-        new = f"{indent}{key}: {_flow(names)}"
+        pat = re.compile(rf" {{{indent}}}{key}:(?P<value>[^#\r\n]*)(?P<comment>#.*)?$")
+        idx = next((i for i, ln in enumerate(body) if pat.match(ln.rstrip("\r\n"))), None)
+        new = f"{' ' * indent}{key}: {_flow(names)}"
         if idx is None:
-            body.append(new + "\n")
+            last = max((i for i, ln in enumerate(body) if ln.strip() and not ln.strip().startswith("#")), default=-1)
+            body.insert(last + 1, new + newline)
             continue
-        m = pat.match(body[idx].rstrip("\n"))
+        m = pat.match(body[idx].rstrip("\r\n"))
         comment = f"  {m.group('comment')}" if m.group("comment") else ""
-        stop = idx + 1  # continuation lines of a block value are indented deeper than the key
-        while stop < len(body) and body[stop].strip() and len(body[stop]) - len(body[stop].lstrip()) > len(indent):
-            stop += 1
-        body[idx:stop] = [new + comment + "\n"]
+        body[idx:_value_end(body, idx, indent)] = [new + comment + newline]
     return "".join(lines[:start + 1] + body + lines[end:])
 
 
+def _parse(text: str, source: str) -> dict:
+    import yaml
+
+    try:
+        raw = read_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError("", f"not valid YAML ({where}{getattr(e, 'problem', None) or e})", source) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("run"), dict):
+        raise ConfigError("run", "no top-level `run` mapping", source)
+    return raw
+
+
 def select(params: str | Path, suite: str) -> dict[str, list[str]]:
-    """Rewrite ``run`` of ``params`` to ``suite`` (validated before the file is replaced)."""
+    """Rewrite ``run`` of ``params`` to ``suite`` (validated before the file is replaced).
+
+    Works on any params.yaml whose ``run`` section is a block mapping, whatever the style of its lists (e.g. after
+    ``dvc exp run`` rewrote the file); when the textual edit cannot be proven to change exactly the run lists, it
+    fails in one line and writes nothing."""
     if suite not in SUITES:
         raise ConfigError("", f"unknown suite {suite!r} (known: {', '.join(SUITES)})", "nbp select")
     path = Path(params)
     lists = SUITES[suite][1]
-    text = rewrite_run(path.read_text(), lists, str(path))
-    raw, old = read_yaml(text), read_yaml(path.read_text())
-    if {k: v for k, v in raw.items() if k != "run"} != {k: v for k, v in old.items() if k != "run"} or any(
-            raw["run"][k] != lists[k] for k in KEYS):
-        raise ConfigError("run", "could not rewrite the run section safely; edit it by hand", str(path))
+    try:
+        before = path.read_text()
+    except OSError as e:
+        raise ConfigError("", f"cannot read ({e.strerror})", str(path)) from None
+    old = _parse(before, str(path))
+    text = rewrite_run(before, lists, str(path))
+    try:
+        raw = _parse(text, str(path))
+    except ConfigError:
+        raw = None
+    expected_run = {**old["run"], **lists}
+    if raw is None or {k: v for k, v in raw.items() if k != "run"} != {k: v for k, v in old.items() if k != "run"} or \
+            raw["run"] != expected_run:
+        raise ConfigError("run", "could not rewrite the run lists safely (anchors or an unusual layout in the run "
+                          "section?); edit run.datasets / run.tokenizers / run.generators by hand", str(path))
     tmp = path.with_name(f".{path.name}.select.tmp")
     tmp.write_text(text)
     try:
