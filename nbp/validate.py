@@ -84,8 +84,12 @@ def problems(cfg: Config, selection: dict[str, list[str]] | None = None) -> Iter
             yield err(f"real_stats.{name}.frames", f"{rs.frames} frames: the I3D needs at least {I3D_MIN_FRAMES}")
         elif rs.frames > have:
             yield err(f"real_stats.{name}.frames", f"{rs.frames} > the {have} frames of prepare.{rs.dataset}.frames")
+        bound = clips_bound(cfg, rs.dataset, rs.split)
         if rs.num_videos < 2:
             yield err(f"real_stats.{name}.num_videos", f"{rs.num_videos}: FVD statistics need at least 2 clips")
+        elif bound is not None and bound < 2:
+            yield err(f"prepare.{rs.dataset}.max_videos", f"at most {bound} {rs.split} clip(s): real_stats.{name}'s FVD "
+                                                          "statistics need at least 2")
     for name in use["eval_generator"]:
         yield from _eval_generator(cfg, name, err)
     yield from _weights(cfg, use, err)
@@ -178,6 +182,10 @@ def _tokenizer(cfg: Config, name: str, err) -> Iterator[ConfigError]:
     if t.source == "released":
         yield from _released_tokenizer(cfg, name, mcfg, err)
         return
+    bound = clips_bound(cfg, t.dataset, "train")
+    if bound is not None and t.batch_size > bound:
+        yield err(f"{key}.batch_size", f"{t.batch_size} is more than the at most {bound} training clips of "
+                                       f"prepare.{t.dataset} (max_videos, train_clips_per_video)")
     length = t.train_frames or p.frames
     if length > p.frames or (length - 1) % t.temporal_factor:
         yield err(f"{key}.train_frames", f"{length} must be 1 + k*{t.temporal_factor} and at most the "
@@ -202,6 +210,19 @@ def _disc_fits(t, p, key: str, err) -> Iterator[ConfigError]:
         except RuntimeError:
             yield err(f"{key}.disc_layers", f"{t.disc} discriminator with {t.disc_layers} layers does not fit the "
                                             f"{p.resolution}x{p.resolution} frames of prepare.{t.dataset}: use fewer layers")
+
+
+def clips_bound(cfg: Config, dataset: str, split: str) -> int | None:
+    """The most clips ``prepare.<dataset>`` can keep of a split, when params fix it (``max_videos``, the embedded
+    set's size), else None."""
+    p = cfg.prepare[dataset]
+    d = cfg.download[p.dataset]
+    bounds = [p.max_videos[split]] if split in p.max_videos else []
+    if d.source == "embedded":
+        bounds.append(d.embedded.classes * (d.embedded.train_per_class if split == "train" else d.embedded.test_per_class))
+    if not bounds:
+        return None
+    return min(bounds) * (p.train_clips_per_video if split == "train" else 1)
 
 
 def _local(checkpoint: str | None) -> Path | None:
@@ -315,8 +336,11 @@ def _eval_tokenizer(cfg: Config, name: str, err) -> Iterator[ConfigError]:
     if cfg.prepare[d].frames < FRAMES:
         yield err(f"prepare.{d}.frames", f"{cfg.prepare[d].frames} frames: eval_tokenizer.{name}'s rFVD scores the "
                                          f"first {FRAMES}")
+    bound = clips_bound(cfg, d, "val")
     if e.num_videos < 2:
         yield err(f"eval_tokenizer.{name}.num_videos", f"{e.num_videos}: rFVD needs at least 2 clips")
+    elif bound is not None and bound < 2:
+        yield err(f"prepare.{d}.max_videos", f"at most {bound} val clip(s): eval_tokenizer.{name}'s rFVD needs at least 2")
 
 
 def _classes(cfg: Config, download: str) -> int | None:

@@ -141,6 +141,15 @@ def test_values_only_a_stage_checks_today():
           r"download\.ucf101\.urls: the ucf101 source needs urls\.splits")
 
 
+def test_clip_counts_params_fix_against_batch_and_fvd():
+    # 8 classes x 96 training videos x 2 clips = 1536 at most; max_videos.train 3 -> 6 clips for a batch of 8
+    fails(cfg_of(**{"prepare.embedded.max_videos": {"train": 3}}),
+          r"train_tokenizer\.embedded\.batch_size: 8 is more than the at most 6 training clips of prepare\.embedded")
+    assert messages(cfg_of(**{"prepare.embedded.max_videos": {"train": 4}})) == []  # 8 clips: a batch of 8 fits
+    fails(cfg_of(**{"prepare.embedded.max_videos": {"val": 1}}),
+          r"prepare\.embedded\.max_videos: at most 1 val clip\(s\): eval_tokenizer\.embedded's rFVD needs at least 2")
+
+
 def test_local_dataset_root_must_hold_the_layout(tmp_path):
     fails(cfg_of("k600", **{"download.k600.root": str(tmp_path / "nowhere")}), r"download\.k600\.root: .*nowhere: no such folder")
     fails(cfg_of("k600", **{"download.k600.root": str(tmp_path)}),
