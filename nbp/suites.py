@@ -1,9 +1,12 @@
 """``nbp select SUITE``: point the ``run`` switch of params.yaml at a named set of experiments.
 
 Only the ``datasets``, ``tokenizers`` and ``generators`` lines of the ``run`` section are rewritten; every
-other line (comments, anchors, the other sections) stays byte for byte. DVC (``foreach: ${run.*}``) and
-Snakemake both read the same switch, so after ``nbp select k600`` both ``dvc repro`` and ``snakemake``
-run the K600 experiments. (Without editing the file: ``dvc exp run -S 'run.generators=[...]'`` or
+other line (comments, anchors, the other sections) stays byte for byte. That holds for any layout of those lists
+(flow, wrapped, block lists as ``dvc exp run`` writes them); a ``run`` section in another form (a flow mapping) is
+written anew as a block mapping. Nothing is written unless the result provably differs only in the run lists.
+
+DVC (``foreach: ${run.*}``) and Snakemake both read the same switch, so after ``nbp select k600`` both
+``dvc repro`` and ``snakemake`` run the K600 experiments. (Without editing the file: ``dvc exp run -S 'run.generators=[...]'`` or
 ``snakemake --config 'run={...}'``.)
 """
 
@@ -117,12 +120,34 @@ def _parse(text: str, source: str) -> dict:
     return raw
 
 
+def regenerate_run(text: str, run: dict, source: str = DEFAULT_PARAMS) -> str:
+    """``text`` with its whole top-level ``run`` section (any style: block or flow mapping) written anew as a block
+    mapping of ``run`` (comments inside the section are lost; every other line stays). The fallback of :func:`select`
+    when :func:`rewrite_run` cannot edit the lists in place."""
+    import yaml
+
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.match(r"run\s*:", ln)), None)
+    if start is None:
+        raise ConfigError("run", "no top-level `run` section", source)
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"[^\s#]", lines[i])), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():  # blank lines before the next section stay
+        end -= 1
+    def flow(v) -> str:  # one value on one line: [a, b], {k: v}, a scalar
+        out = yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=10**6)
+        return out.removesuffix("\n...\n").strip()
+
+    body = "".join(f"  {k}: {flow(v)}\n" for k, v in run.items())
+    return "".join(lines[:start]) + "run:\n" + body + "".join(lines[end:])
+
+
 def select(params: str | Path, suite: str) -> dict[str, list[str]]:
     """Rewrite ``run`` of ``params`` to ``suite`` (validated before the file is replaced).
 
-    Works on any params.yaml whose ``run`` section is a block mapping, whatever the style of its lists (e.g. after
-    ``dvc exp run`` rewrote the file); when the textual edit cannot be proven to change exactly the run lists, it
-    fails in one line and writes nothing."""
+    Works on any params.yaml, whatever the style of its lists (e.g. after ``dvc exp run`` rewrote the file): the run
+    lists are edited in place (:func:`rewrite_run`), or else the run section is written anew (:func:`regenerate_run`);
+    a result is kept only when it parses to the old file with exactly the suite's run lists. Otherwise it fails in
+    one line and writes nothing."""
     if suite not in SUITES:
         raise ConfigError("", f"unknown suite {suite!r} (known: {', '.join(SUITES)})", "nbp select")
     path = Path(params)
@@ -132,16 +157,20 @@ def select(params: str | Path, suite: str) -> dict[str, list[str]]:
     except OSError as e:
         raise ConfigError("", f"cannot read ({e.strerror})", str(path)) from None
     old = _parse(before, str(path))
-    text = rewrite_run(before, lists, str(path))
-    try:
-        raw = _parse(text, str(path))
-    except ConfigError:
-        raw = None
-    expected_run = {**old["run"], **lists}
-    if raw is None or {k: v for k, v in raw.items() if k != "run"} != {k: v for k, v in old.items() if k != "run"} or \
-            raw["run"] != expected_run:
-        raise ConfigError("run", "could not rewrite the run lists safely (anchors or an unusual layout in the run "
-                          "section?); edit run.datasets / run.tokenizers / run.generators by hand", str(path))
+    expected = {**{k: v for k, v in old.items() if k != "run"}, "run": {**old["run"], **lists}}
+
+    def proven(edit) -> str | None:
+        try:
+            text = edit()
+            return text if _parse(text, str(path)) == expected else None
+        except ConfigError:
+            return None
+
+    text = proven(lambda: rewrite_run(before, lists, str(path))) or \
+        proven(lambda: regenerate_run(before, expected["run"], str(path)))
+    if text is None:
+        raise ConfigError("run", "could not rewrite the run lists safely (an anchor in the run section used "
+                          "elsewhere?); edit run.datasets / run.tokenizers / run.generators by hand", str(path))
     tmp = path.with_name(f".{path.name}.select.tmp")
     tmp.write_text(text)
     try:

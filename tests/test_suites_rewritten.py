@@ -98,12 +98,24 @@ def test_missing_run_key_is_added_inside_the_section():
     assert new == "run:\n  out: out\n  generators: [g]\n\ndownload: {}\n"
 
 
+def test_a_flow_mapping_run_section_is_written_anew(tmp_path):
+    original = (ROOT / "params.yaml").read_text()
+    start, end = original.index("run:\n"), original.index("\ndownload:")
+    p = tmp_path / "params.yaml"
+    p.write_text(original[:start] + "run: {datasets: [embedded], tokenizers: [embedded], generators: [embedded_nbp],\n"
+                 "  out: out, seed: 3}\n" + original[end:])
+    select(p, "k600")
+    text = p.read_text()
+    assert text[:start] == original[:start] and text.endswith(original[end:])  # only the run section changed
+    assert text[start:len(text) - len(original) + end] == (
+        "run:\n  datasets: [k600]\n  tokenizers: [k600]\n  generators: [" + ", ".join(SUITES["k600"][1]["generators"])
+        + "]\n  out: out\n  seed: 3\n")
+
+
 @pytest.mark.parametrize("run_section, match", [
-    # a key given twice (PyYAML keeps the last): the edit of the first cannot be proven to select the suite
-    ("run:\n  datasets: [embedded]\n  tokenizers: [embedded]\n  generators: [embedded_nbp]\n  datasets: [embedded]\n",
-     "could not rewrite the run lists safely"),
-    ("run: {datasets: [embedded], tokenizers: [embedded], generators: [embedded_nbp]}\n",  # a flow mapping
-     "no top-level block mapping `run:`"),
+    # an anchor of a run list used outside the section: neither edit can keep the other use
+    ("run:\n  datasets: &ds [embedded]\n  tokenizers: [embedded]\n  generators: [embedded_nbp]\n"
+     "tables: {out: *ds}\n", "could not rewrite the run lists safely"),
     ("run:\n  datasets: [embedded\n", "not valid YAML"),
 ])
 def test_select_refuses_in_one_line_and_writes_nothing(tmp_path, run_section, match):
