@@ -126,6 +126,13 @@ def test_real_stats_against_the_evaluation_protocol():
           r"'embedded_nbp' knows 8")
 
 
+def test_checks_leave_the_default_device_alone():
+    list(problems(cfg_of(**{"train_tokenizer.embedded.disc_layers": 4})))
+    check = problems(cfg_of(**{"train_tokenizer.embedded.disc_layers": 4}))
+    next(check)  # suspended right after the discriminator problem
+    assert torch.empty(1).device.type == "cpu"
+
+
 def test_values_only_a_stage_checks_today():
     fails(cfg_of(**{"train_tokenizer.embedded.disc_start": 100}),
           r"train_tokenizer\.embedded\.disc_start: 100 falls inside the image warm-up")
@@ -229,7 +236,14 @@ def test_released_tokenizer_file_against_the_entry(tmp_path):
     narrow = VideoTokenizer(dataclasses.replace(PRESETS["base"], channels=32))
     torch.save({"model_state_dict": to_released_state_dict(narrow)}, tmp_path / "magvit2.pt")
     assert messages(cfg_of("released", **{f"{key}.checkpoint": str(tmp_path / "magvit2.pt")})) == []
-    fails(cfg_of("released", **{f"{key}.checkpoint": str(tmp_path / "magvit2.pt"), f"{key}.preset": "small"}),
-          rf"{key}\.checkpoint: .*downsamples by 4x8 \(time x space\), {key}\.preset 'small' by 4x4")
+    fails(cfg_of("released", **{f"{key}.preset": "small"}),  # known without the file
+          rf"{key}\.preset: 'small', but a released tokenizer is the 'base' architecture")
     gen = _released_generator_file(tmp_path / "gen.ckpt")  # a generator given as the tokenizer
     fails(cfg_of("released", **{f"{key}.checkpoint": str(gen)}), rf"{key}\.checkpoint: .*not a released tokenizer")
+    state = to_released_state_dict(narrow)
+    last = max(int(k.split(".")[2]) for k in state if k.startswith("module.encoder_layers."))
+    state[f"module.encoder_layers.{last}.weight"] = torch.zeros(4, 128, 1, 1, 1)  # 4 latent channels, not 6
+    torch.save({"model_state_dict": state}, tmp_path / "four.pt")
+    fails(cfg_of("released", **{f"{key}.checkpoint": str(tmp_path / "four.pt")}),
+          rf"{key}\.checkpoint: .*four\.pt: 4 latent channels, the released FSQ has 6 levels")
+    fails(cfg_of("released", **{f"{key}.checkpoint": str(tmp_path / "none.pt")}), rf"{key}\.checkpoint: .*none\.pt: no such file")
