@@ -20,8 +20,9 @@ from nbp.errors import NbpError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="released file: magvit2_*.pt (tokenizer) or *.ckpt (generator)")
     parser.add_argument("dst", help="our checkpoint to write (tokenizer.pt or generator.pt)")
-    parser.add_argument("--tokenizer-preset", default="base",
-                        help="tokenizer architecture of the file (default: base = released)")
+    parser.add_argument("--tokenizer-preset", default=None,
+                        help="tokenizer architecture of the file (default: the released base architecture at the "
+                             "width read from the file's shapes)")
     parser.add_argument("--block", type=int, default=None, help="generator: tokens per block when hyper_parameters lack it")
     parser.add_argument("--n-head", type=int, default=None, help="generator: attention heads when hyper_parameters lack them")
     parser.add_argument("--context-frames", type=int, default=None,
@@ -39,15 +40,17 @@ def kind_of(obj) -> str:
     return "unknown"
 
 
-def import_tokenizer_state(state: dict, dst: Path, preset: str, source: str) -> None:
+def import_tokenizer_state(state: dict, dst: Path, preset: str | None, source: str) -> int:
+    """Write ``dst`` from a released state dict; returns the tokenizer's base width."""
     from nbp.checkpoint import save_checkpoint
     from nbp.tokenizer import PRESETS, tokenizer_checkpoint
     from nbp.tokenizer.released import model_from_released_state
 
-    if preset not in PRESETS:
+    if preset is not None and preset not in PRESETS:
         raise NbpError(f"--tokenizer-preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    model = model_from_released_state(state, config=PRESETS[preset], source=source)
+    model = model_from_released_state(state, config=PRESETS[preset] if preset else None, source=source)
     save_checkpoint(dst, tokenizer_checkpoint(model, source="released", released_file=Path(source).name))
+    return model.config.channels
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,8 +61,8 @@ def main(args: argparse.Namespace) -> int:
     obj = load_allowlisted(src)
     kind = kind_of(obj)
     if kind == "tokenizer":
-        import_tokenizer_state(obj["model_state_dict"], dst, args.tokenizer_preset, str(src))
-        print(f"{src} -> {dst} (tokenizer, preset {args.tokenizer_preset})")
+        width = import_tokenizer_state(obj["model_state_dict"], dst, args.tokenizer_preset, str(src))
+        print(f"{src} -> {dst} (tokenizer, preset {args.tokenizer_preset or 'base'}, width {width})")
         return 0
     if kind != "generator":
         raise NbpError(f"{src}: neither a released tokenizer ('model_state_dict') nor a Lightning generator ('state_dict')")

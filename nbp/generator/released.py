@@ -11,8 +11,11 @@ naming it. Keys are mapped one by one and strictly: a missing, unexpected or mis
 
 Hyper-parameters read (names of the release's argparse options): ``n_layer``, ``n_head``, ``n_embd``,
 ``vocab_size`` (video codes), ``block_size`` (position slots), ``token_number_per_step`` (block size B, with
-``semi_ar``), ``hybrid``, ``cond_token_num``, ``resolution``, ``sequence_length``. Sizes are checked against
-the tensor shapes; what is absent is inferred from the shapes (NBP.md's presets for ``n_head``).
+``semi_ar``), ``hybrid``, ``cond_token_num``, ``resolution``, ``sequence_length``, found in any form Lightning or a
+re-save leaves them (:func:`hyper_parameters`). Sizes are checked against the tensor shapes; what is absent is
+inferred from them where the shapes decide it: ``n_layer`` (block count), ``n_embd`` (embedding width), the
+vocabulary (embedding rows), position slots. ``n_head`` is in no shape: absent, it is taken from NBP.md's
+released sizes, else the import asks for it.
 
 Task and ids: a hybrid text-conditioned model (vocabulary ``B + 32000 + V``, ``uncond_embedding`` [8, C])
 becomes our ``hybrid`` task, conditioned on the LLaMA ids of ``ucf101_llama_text_ids.tsv`` (class order of
@@ -105,20 +108,42 @@ def _plain(v: Any) -> Any:
     return v
 
 
+# keys under which Lightning (``save_hyperparameters()`` in ``__init__(self, args)``) or a re-saved file nests the
+# training options as a plain dict; a Namespace is merged in under any key
+NESTED_KEYS = ("args", "hparams", "hyper_parameters")
+
+
+def _flatten(hp: dict, where: str) -> dict:
+    """A ``hyper_parameters`` dict with its nested option sets (Namespaces, dicts under :data:`NESTED_KEYS`)
+    merged into one level; a key given twice with different values is an error naming both places."""
+    out, origin = {}, {}
+    for k, v in hp.items():
+        k = str(k)
+        if isinstance(v, argparse.Namespace) or (isinstance(v, dict) and k in NESTED_KEYS):
+            items = _flatten(_plain(v), f"{where}.{k}").items()
+            at = f"{where}.{k}"
+        else:
+            items, at = [(k, _plain(v))], where
+        for kk, vv in items:
+            if kk in out and out[kk] != vv:
+                raise NbpError(f"{origin[kk]}.{kk} = {out[kk]!r} but {at}.{kk} = {vv!r}")
+            origin.setdefault(kk, at)
+            out[kk] = vv
+    return out
+
+
 def hyper_parameters(ckpt: dict) -> dict:
-    """``hyper_parameters`` flattened: the Namespace itself, or a dict whose Namespace values are merged in."""
-    hp = ckpt.get("hyper_parameters", {})
+    """``hyper_parameters`` as one flat dict, whichever form it has: the argparse Namespace itself, a flat dict, or
+    a dict holding the options as a Namespace or a plain dict under ``args`` (what re-saving a released file for
+    ``torch.load(weights_only=True)`` gives); absent or None: ``{}`` (sizes then come from the shapes)."""
+    hp = ckpt.get("hyper_parameters")
+    if hp is None:
+        return {}
     if isinstance(hp, argparse.Namespace):
-        return _plain(hp)
+        hp = vars(hp)
     if not isinstance(hp, dict):
         raise NbpError(f"hyper_parameters: expected an argparse.Namespace or a dict, got {type(hp).__name__}")
-    out = {}
-    for k, v in hp.items():
-        if isinstance(v, argparse.Namespace):
-            out.update(_plain(v))
-        else:
-            out[str(k)] = _plain(v)
-    return out
+    return _flatten(hp, "hyper_parameters")
 
 
 def split_state(state: dict, source: str) -> tuple[dict, dict[str, int]]:
@@ -178,10 +203,19 @@ def released_layout(gen: dict, hp: dict, source: str, *, block: int | None = Non
             raise NbpError(f"{source}: hyper_parameters.{key} = {hp[key]} but the weights have {have}")
     heads = n_head or _get(hp, "n_head") or HEADS.get((n_layer, C))
     if heads is None:
-        raise NbpError(f"{source}: number of heads unknown (no hyper_parameters.n_head; pass --n-head)")
-    V = int(_get(hp, "vocab_size", 64000))
+        raise NbpError(f"{source}: number of heads unknown: no hyper_parameters.n_head, {n_layer} layers x width {C} is "
+                       f"none of the released sizes, and tensor shapes do not record it (pass --n-head)")
     frames, res = int(_get(hp, "sequence_length", 17)), int(_get(hp, "resolution", 128))
     grid = (1 + (frames - 1) // 4, res // 8, res // 8)
+    hp_B = _get(hp, "token_number_per_step")
+    if _get(hp, "vocab_size") is not None:
+        V = int(hp["vocab_size"])
+    elif cond_len == 0 and not hp.get("hybrid"):
+        V = rows  # the K600 layout: one embedding row per code
+    elif hp_B or block:
+        V = rows - TEXT_VOCAB - int(hp_B or block)  # hybrid: B special ids + text ids + codes
+    else:
+        V = 64000  # hybrid with neither the vocabulary nor the block size recorded: the released FSQ's codes
     hybrid = bool(hp.get("hybrid", False)) or (cond_len == TEXT_LEN and rows > TEXT_VOCAB + V)
     if hybrid:
         B = rows - TEXT_VOCAB - V

@@ -10,11 +10,17 @@ Released format (NBP.md section 3): a torch pickle ``{'model_state_dict': {...}}
 
 Every parameter mapping is named below, per layer type; loading is strict: a missing, unexpected or
 mis-shaped key is an :class:`NbpError` naming the key (never ``strict=False``).
+
+Sizes: without an explicit config, the base width (``channels``) is read from the first convolution's shape
+(:func:`config_from_state`), so a narrower file of the released architecture (e.g. a smoke-test file) imports;
+the rest is the released architecture's (residual counts and widths per stage, checked key by key and shape
+by shape; GroupNorm(32) and the FSQ levels, which no shape records: only the number of levels is checked).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -106,12 +112,36 @@ def to_released_state_dict(model: VideoTokenizer) -> dict[str, torch.Tensor]:
     return {rk: ours[ok].detach().clone() for rk, ok in key_mapping(model).items()}
 
 
+def config_from_state(state: dict, base=None, source: str = "released file"):
+    """The released architecture (``base``, default the ``base`` preset, per-frame norms) at the width this state
+    dict has: ``channels`` = output channels of ``encoder_layers.0`` / ``channel_mult[0]``. The number of latent
+    channels (the last encoder layer's outputs) must be the number of FSQ levels."""
+    base = dataclasses.replace(base or PRESETS["base"], norm="frame")
+    first = state.get(f"{PREFIX}encoder_layers.0.conv.weight")
+    if not isinstance(first, torch.Tensor) or first.ndim != 5:
+        raise NbpError(f"{source}: missing key {PREFIX + 'encoder_layers.0.conv.weight'!r} (a 5-D convolution weight)")
+    width = int(first.shape[0])
+    if width % base.channel_mult[0]:
+        raise NbpError(f"{source}: first convolution has {width} channels, not a multiple of {base.channel_mult[0]}")
+    layers = [int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(PREFIX)}encoder_layers\.(\d+)\.", k))]
+    last = state.get(f"{PREFIX}encoder_layers.{max(layers)}.weight")
+    if isinstance(last, torch.Tensor) and last.ndim == 5 and last.shape[0] != len(base.levels):
+        raise NbpError(f"{source}: {last.shape[0]} latent channels, the released FSQ has {len(base.levels)} levels "
+                       f"{list(base.levels)} (levels are not in the weights)")
+    try:
+        return dataclasses.replace(base, channels=width // base.channel_mult[0])
+    except ValueError as e:
+        raise NbpError(f"{source}: base width {width // base.channel_mult[0]} read from "
+                       f"{PREFIX}encoder_layers.0.conv.weight does not fit the released architecture ({e})") from None
+
+
 def is_released_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and "model_state_dict" in obj and "format" not in obj
 
 
 def load_released(path: str | Path, device: str | torch.device = "cpu", config=None) -> VideoTokenizer:
-    """Build the ``base`` tokenizer and fill it from a released ``magvit2_*.pt`` (weights_only load, strict keys)."""
+    """Build the ``base`` tokenizer (at the file's width, unless ``config`` is given) and fill it from a released
+    ``magvit2_*.pt`` (weights_only load, strict keys)."""
     path = Path(path)
     obj = read_torch_file(path, "released tokenizer file")
     if not is_released_checkpoint(obj):
@@ -122,8 +152,9 @@ def load_released(path: str | Path, device: str | torch.device = "cpu", config=N
 def model_from_released_state(state: dict, device="cpu", config=None, source: str = "released file") -> VideoTokenizer:
     """Keys are checked against a parameter-free (meta) model first, so a bad file fails before any allocation.
 
-    Released files always have per-frame group norms: ``config`` gives the sizes, the norm is ``frame``."""
-    cfg = dataclasses.replace(config or PRESETS["base"], norm="frame")
+    Released files always have per-frame group norms: ``config`` gives the sizes (None: the released architecture
+    at the width read from the shapes, :func:`config_from_state`), the norm is ``frame``."""
+    cfg = dataclasses.replace(config, norm="frame") if config is not None else config_from_state(state, source=source)
     with torch.device("meta"):
         shell = VideoTokenizer(cfg)
     mapped = convert_state_dict(state, shell, source)
