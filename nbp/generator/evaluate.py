@@ -180,6 +180,11 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
     tok = load_tokenizer(tok_path, device)
     if tok.vocab_size != gen.task.video_vocab:
         raise NbpError(f"{gen_path}: generator codes ({gen.task.video_vocab}) do not match {tok_path} ({tok.vocab_size})")
+    clip = cfg.prepare[cfg.train_tokenizer[tok_name].dataset]
+    tok_grid = tuple(tok.latent_grid(clip.frames, clip.resolution, clip.resolution))
+    if tok_grid != tuple(gen.task.layout.grid):
+        raise NbpError(f"{gen_path}: blocks laid out on a latent grid {list(gen.task.layout.grid)}, but {tok_path} makes "
+                       f"{list(tok_grid)} from {clip.frames}x{clip.resolution}x{clip.resolution} clips")
     stats_path = cfg.out_dir("real_stats", ec.real_stats) / "stats.npz"
     mu_real, sigma_real = fvd.load_stats(stats_path)
     weights = cfg.out_dir("fetch_detector") / I3D_FILENAME
