@@ -147,9 +147,12 @@ def test_an_unknown_entry_on_the_command_line_is_named(tiny, capsys):
 
 @pytest.mark.xfail(strict=True, reason="nbp/config.py (not this branch's to edit) accepts eval_generator.*.num_videos: 1; "
                    "the stage samples, then fails in the FVD with a line that names no key")
-def test_fewer_than_two_videos_to_score_is_a_params_error(tiny, capsys):
-    refuses(capsys, ["eval_generator", "embedded_nbp", "--params", tiny.params, "-S", "eval_generator.embedded_nbp.num_videos=1"],
-            "eval_generator.embedded_nbp.num_videos", code=2, watch=(tiny.out,))
+def test_fewer_than_two_videos_to_score_is_a_params_error(tiny):
+    from nbp.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny.params, overrides={"eval_generator.embedded_nbp.num_videos": 1})
+    assert err.value.key == "eval_generator.embedded_nbp.num_videos"
 
 
 # --------------------------------------------------------------------------------------
@@ -552,3 +555,81 @@ def test_real_stats_file_refuses_a_pickle_that_runs_a_command(own, capsys):
     (own.out / "real_stats" / "embedded").mkdir(parents=True)
     stats = _evil_npz(own.out / "real_stats" / "embedded" / "stats.npz", marker)
     refuses(capsys, ["eval_generator", "embedded_nbp", "--params", own.params], str(stats), watch=(own.out,), marker=marker)
+
+
+# --------------------------------------------------------------------------------------
+# 6. downloads: every fetched file is checksum-verified before use, archives cannot escape
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    from test_data_download import Server
+
+    from nbp.data import download as D
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv(D.LOCK_ENV, str(tmp_path / "checksums.lock.json"))
+    s = Server()
+    yield s
+    s.close()
+
+
+def _lock(tmp_path: Path, url: str, sha256: str) -> None:
+    from nbp.data import download as D
+
+    D.LockFile(tmp_path / "checksums.lock.json").record(url, sha256, 1)
+
+
+def _k600_server(server, members: list[tuple[str, str, bytes | str]], tmp_path: Path) -> dict:
+    from test_data_download import _tar
+
+    server.files["/k600/train/part_0.tar.gz"] = _tar(tmp_path / "p0.tgz", members).read_bytes()
+    server.files["/k600/train/k600_train_path.txt"] = f"{server.url}/k600/train/part_0.tar.gz\n".encode()
+    server.files["/k600/annotations/train.csv"] = b"label,youtube_id,time_start,time_end,split\nzumba,aaaaaaaaaaa,0,10,train\n"
+    return {"lists": f"{server.url}/k600", "annotations": f"{server.url}/k600/annotations"}
+
+
+def test_download_with_a_checksum_mismatch_is_refused(own, server, tmp_path, capsys):
+    urls = _k600_server(server, [("aaaaaaaaaaa_000000_000010.mp4", "file", b"video")], tmp_path)
+    part = f"{server.url}/k600/train/part_0.tar.gz"
+    _lock(tmp_path, part, "0" * 64)  # recorded at an earlier download; the server now sends other bytes
+    override = f"download.k600.urls={{lists: {urls['lists']}, annotations: {urls['annotations']}}}"
+    refuses(capsys, ["download", "k600", "--params", own.params, "-S", override, "-S", "download.k600.splits=[train]"], part,
+            says="does not match", watch=(own.out / "download",))
+    assert not (own.out / "download" / "k600").exists()
+
+
+@pytest.mark.parametrize("members,says", [
+    ([("aaaaaaaaaaa_000000_000010.mp4", "file", b"v"), ("../../evil.txt", "file", b"x")], "contains '..'"),
+    ([("link", "sym", "../../.."), ("aaaaaaaaaaa_000000_000010.mp4", "file", b"v")], "points outside the target"),
+    ([("h", "hard", "/etc/passwd")], "outside the target"),
+    ([("dev0", "chr", "")], "device"),
+], ids=["dotdot", "escaping symlink", "absolute hard link", "device"])
+def test_download_of_an_unsafe_archive_is_refused(own, server, tmp_path, capsys, members, says):
+    urls = _k600_server(server, members, tmp_path)
+    override = f"download.k600.urls={{lists: {urls['lists']}, annotations: {urls['annotations']}}}"
+    refuses(capsys, ["download", "k600", "--params", own.params, "-S", override, "-S", "download.k600.splits=[train]"],
+            "part_0.tar.gz", says=says, watch=(own.out / "download",))
+    assert not (own.out / "download" / "k600").exists()
+    assert not list(own.root.rglob("evil.txt"))
+
+
+def test_released_generator_download_is_checksum_verified(own, server, tmp_path, capsys):
+    server.files["/k600_base_nbp16.ckpt"] = b"not the file that was recorded"
+    url = f"{server.url}/k600_base_nbp16.ckpt"
+    _lock(tmp_path, url, "0" * 64)
+    refuses(capsys, ["train_generator", "released_k600_nbp16", "--params", own.params, "-S",
+                     f"train_generator.released_k600_nbp16.checkpoint={url}"], url, says="does not match",
+            watch=(own.out / "train_generator",))
+    assert not (own.out / "train_generator" / "released_k600_nbp16").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="nbp/tokenizer/train.py (import_released; not this branch's to edit) fetches the "
+                   "released tokenizer without the checksum lock: a changed file is imported unverified")
+def test_released_tokenizer_download_is_checksum_verified(own, server, tmp_path, capsys):
+    server.files["/magvit2_k600.pt"] = b"not the file that was recorded"
+    url = f"{server.url}/magvit2_k600.pt"
+    _lock(tmp_path, url, "0" * 64)
+    refuses(capsys, ["train_tokenizer", "released_k600", "--params", own.params, "-S",
+                     f"train_tokenizer.released_k600.checkpoint={url}"], url, says="does not match",
+            watch=(own.out / "train_tokenizer",))

@@ -271,7 +271,7 @@ def run_import_released(cfg, name: str) -> Path:
 
     from nbp.checkpoint import save_checkpoint
     from nbp.config import ConfigError, to_dict
-    from nbp.data.download import fetch, sha256_file
+    from nbp.data.download import fetch, lock_for, sha256_file
     from nbp.generator.train import HISTORY_COLUMNS
     from nbp.io import atomic_dir, write_json
 
@@ -280,7 +280,8 @@ def run_import_released(cfg, name: str) -> Path:
     if src is None:
         raise ConfigError(f"train_generator.{name}.checkpoint", "source is 'released' but no checkpoint is given")
     if "://" in src:
-        path = fetch(src, Path(cfg.run.out) / "checkpoints" / "train_generator" / name / Path(src.split("?")[0]).name)
+        path = fetch(src, Path(cfg.run.out) / "checkpoints" / "train_generator" / name / Path(src.split("?")[0]).name,
+                     lock=lock_for(cfg))  # sha256 recorded at the first download, checked on every later one
     else:
         path = Path(src)
     B = g.block[0] * g.block[1] * g.block[2]
