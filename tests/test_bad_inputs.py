@@ -145,14 +145,33 @@ def test_an_unknown_entry_on_the_command_line_is_named(tiny, capsys):
             code=2, watch=(tiny.out,))
 
 
-@pytest.mark.xfail(strict=True, reason="nbp/config.py (not this branch's to edit) accepts eval_generator.*.num_videos: 1; "
-                   "the stage samples, then fails in the FVD with a line that names no key")
+@pytest.mark.parametrize("override,key", [("eval_generator.embedded_nbp.num_videos=1", "eval_generator.embedded_nbp.num_videos"),
+                                          ("eval_generator.embedded_nbp.seeds=[]", "eval_generator.embedded_nbp.seeds")])
+def test_eval_generator_refuses_too_few_videos_or_no_seeds_before_sampling(tiny, capsys, override, key):
+    """Formerly: 1 video sampled, then `features: need at least 2 feature vectors` (no key named); no seeds ended in
+    a traceback (`ValueError: need at least one array to stack`)."""
+    refuses(capsys, ["eval_generator", "embedded_nbp", "--params", tiny.params, "-S", override], key, code=2,
+            watch=(tiny.out,))
+
+
+@pytest.mark.xfail(strict=True, reason="nbp/config.py (not this branch's to edit) accepts eval_generator.*.num_videos: 1, "
+                   "so `nbp check` and Snakemake's validation pass it; the stage itself now refuses it")
 def test_fewer_than_two_videos_to_score_is_a_params_error(tiny):
     from nbp.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as err:
         load_config(tiny.params, overrides={"eval_generator.embedded_nbp.num_videos": 1})
     assert err.value.key == "eval_generator.embedded_nbp.num_videos"
+
+
+@pytest.mark.xfail(strict=True, reason="nbp/config.py (not this branch's to edit) accepts eval_generator.*.seeds: [], "
+                   "so `nbp check` and Snakemake's validation pass it; the stage itself now refuses it")
+def test_no_seeds_to_evaluate_is_a_params_error(tiny):
+    from nbp.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny.params, overrides={"eval_generator.embedded_nbp.seeds": []})
+    assert err.value.key == "eval_generator.embedded_nbp.seeds"
 
 
 # --------------------------------------------------------------------------------------
@@ -304,6 +323,21 @@ def test_fvd_folder_of_mixed_resolutions_names_the_odd_video(fvd_sets, tmp_path,
     mixed = _video_folder(tmp_path / "mixed", 2, sizes=[32, 48])
     refuses(capsys, ["fvd", mixed, two, "--weights", weights, "--device", "cpu"], str(mixed / "v1.mp4"), says="--resolution",
             watch=(root, mixed))
+
+
+def test_fvd_object_array_is_refused_by_the_real_command_line(tmp_path):
+    """The issue's case, as a user runs it: `python -m nbp fvd objects.npy feats.npy` in a fresh process."""
+    import subprocess
+    import sys
+
+    obj = tmp_path / "objects.npy"
+    np.save(obj, np.array([{"a": 1}, [2, 3]], dtype=object), allow_pickle=True)
+    feats = tmp_path / "f.npy"
+    np.save(feats, np.random.default_rng(0).normal(size=(4, 400)).astype(np.float32))
+    done = subprocess.run([sys.executable, "-m", "nbp", "fvd", str(obj), str(feats)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(f"nbp: error: {obj}: ")
 
 
 def test_fvd_object_array_is_refused_in_one_line(tmp_path, capsys):
@@ -496,6 +530,15 @@ def test_released_tokenizer_stage_refuses_a_pickle_that_runs_a_command(own, caps
                      "-S", f"train_tokenizer.embedded.checkpoint={src}"], str(src), watch=(own.out,), marker=marker)
 
 
+def test_released_generator_stage_refuses_a_pickle_that_runs_a_command(own, capsys):
+    marker = own.root / "ran"
+    src = _evil_torch(own.root / "k600_base_nbp16.ckpt", marker, lambda p: {"state_dict": {"transformer.x": p}})
+    refuses(capsys, ["train_generator", "released_k600_nbp16", "--params", own.params, "-S",
+                     f"train_generator.released_k600_nbp16.checkpoint={src}"], str(src), says="posix.system",
+            watch=(own.out,), marker=marker)
+    assert not (own.out / "train_generator" / "released_k600_nbp16").exists()
+
+
 def test_i3d_weights_refuse_a_pickle_that_runs_a_command(fvd_sets, tmp_path, capsys):
     root, two, _ = fvd_sets
     marker = tmp_path / "ran"
@@ -603,7 +646,8 @@ def test_download_with_a_checksum_mismatch_is_refused(own, server, tmp_path, cap
     ([("link", "sym", "../../.."), ("aaaaaaaaaaa_000000_000010.mp4", "file", b"v")], "points outside the target"),
     ([("h", "hard", "/etc/passwd")], "outside the target"),
     ([("dev0", "chr", "")], "device"),
-], ids=["dotdot", "escaping symlink", "absolute hard link", "device"])
+    ([("/tmp/nbp-absolute-member.txt", "file", b"x")], "absolute path"),
+], ids=["dotdot", "escaping symlink", "absolute hard link", "device", "absolute path"])
 def test_download_of_an_unsafe_archive_is_refused(own, server, tmp_path, capsys, members, says):
     urls = _k600_server(server, members, tmp_path)
     override = f"download.k600.urls={{lists: {urls['lists']}, annotations: {urls['annotations']}}}"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nbp.config import Config, to_dict
+from nbp.config import Config, ConfigError, to_dict
 from nbp.errors import NbpError
 from nbp.generator import LoadedGenerator, load_generator
 from nbp.generator.sampling import codes_of, prompt_ids
@@ -164,6 +164,11 @@ def run_eval_generator(cfg: Config, name: str) -> Path:
     from nbp.tokenizer import load_tokenizer
 
     ec = cfg.entry("eval_generator", name)
+    if ec.num_videos < 2:  # before any sampling: FVD needs a covariance (nbp/config.py does not check it yet)
+        raise ConfigError(f"eval_generator.{name}.num_videos", f"FVD needs at least 2 videos, got {ec.num_videos}",
+                          cfg.params_file)
+    if not ec.seeds:
+        raise ConfigError(f"eval_generator.{name}.seeds", "give at least one seed", cfg.params_file)
     g = cfg.entry("train_generator", ec.generator)
     rs = cfg.entry("real_stats", ec.real_stats)
     device = resolve_device(cfg.run.device)
