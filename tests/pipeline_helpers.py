@@ -243,6 +243,11 @@ def _table_rows(path: Path, experiment: str) -> list[dict[str, str]]:
 
 def _same_number(cell: str, value: float, digits: int, where: str) -> None:
     """A table cell written with ``digits`` decimals holds ``value`` (a mean ± std cell: its mean)."""
+    import math
+
+    if value is None or not math.isfinite(value):
+        assert cell == "—", f"{where}: table says {cell}, metrics.json says {value}"
+        return
     shown = float(cell.split(" ± ")[0])
     assert abs(shown - value) <= 0.5 * 10**-digits + 1e-9, f"{where}: table says {cell}, metrics.json says {value}"
 
