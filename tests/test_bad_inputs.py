@@ -505,6 +505,17 @@ def test_our_checkpoints_refuse_a_pickle_that_runs_a_command(own, capsys, stage,
     refuses(capsys, [command, name, "--params", own.params], str(path), says="posix.system", watch=(own.out,), marker=marker)
 
 
+@pytest.mark.parametrize("stage,entry", [("train_tokenizer", "embedded"), ("train_generator", "embedded_nbp")])
+def test_rolling_training_checkpoints_refuse_a_pickle_that_runs_a_command(own, capsys, stage, entry):
+    """A resumed training reads {run.out}/checkpoints/<stage>/<entry>/last.pt: a hostile one is refused, not run."""
+    marker = own.root / "ran"
+    last = own.out / "checkpoints" / stage / entry / "last.pt"
+    assert last.is_file()
+    _evil_torch(last, marker)
+    refuses(capsys, [stage, entry, "--params", own.params], str(last), says="posix.system", watch=(own.out / stage,),
+            marker=marker)
+
+
 def test_sample_refuses_a_pickle_that_runs_a_command(tmp_path, capsys):
     marker = tmp_path / "ran"
     path = _evil_torch(tmp_path / "generator.pt", marker)
