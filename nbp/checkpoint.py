@@ -12,6 +12,7 @@ A checkpoint is a dict of tensors and plain Python data (no custom classes), so 
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,12 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", map_location: st
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise NbpError(f"{path}: not a loadable {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # a pickled object (code) where only tensors and plain data may be: never run
+            raise NbpError(f"{path}: refused to unpickle {found.group(1)} (a {what} may hold only tensors and plain "
+                           "data)") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise NbpError(f"{path}: not a loadable {what} ({type(e).__name__}: {first})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", expect: str | None = None) -> dict[str, Any]:

@@ -48,6 +48,18 @@ def _load_impl(spec: str):
     return getattr(mod, func)
 
 
+def _validate(cfg: Config, extra: dict[str, list[str]] | None = None) -> None:
+    """Everything knowable before a stage runs (nbp.validate) for the run's selection and the entries asked for, so
+    that `dvc repro` stops at its first stage, not after hours of training."""
+    from nbp import validate  # imports torch: not for `nbp --help`
+
+    dag.check_wiring(cfg)
+    selection = {f: list(getattr(cfg.run, f)) for f in dag.FAMILIES}
+    for family, names in (extra or {}).items():
+        selection[family] += [n for n in names if n not in selection[family]]
+    validate.check_consistency(cfg, selection)
+
+
 def _parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items or []:
@@ -124,6 +136,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         cfg = load_config(args.params)
+        _validate(cfg)
         print(f"{args.params}: ok")
         for s in dag.STAGES:
             print(f"  {s.name}: {', '.join(str(e) for e in _entries(cfg, s.name, None)) if s.family else '(global)'}")
@@ -139,13 +152,15 @@ def run(argv: list[str] | None = None) -> int:
         return int(mod.main(args) or 0)
     cfg = load_config(args.params, overrides=_parse_overrides(args.set))
     stage = dag.BY_NAME[args.command]
+    entries = _entries(cfg, stage.name, getattr(args, "name", None))
+    _validate(cfg, {stage.family: [e for e in entries if e is not None]} if stage.family else None)
     fn = _load_impl(stage.impl)
     extra = {}
     for flag, _ in stage.options:
         key = flag.lstrip("-").replace("-", "_")
         if getattr(args, key, False):
             extra[key] = True
-    for entry in _entries(cfg, stage.name, getattr(args, "name", None)):
+    for entry in entries:
         fn(cfg, entry, dag.resolve(cfg, stage.name, entry), **extra)
     return 0
 

@@ -446,6 +446,10 @@ def _check_semantics(cfg: Config) -> None:
             raise ConfigError(f"train_generator.{name}.checkpoint", "source is 'released' but no checkpoint is given", src)
     for name, e in cfg.eval_generator.items():
         positive("eval_generator", name, e, "num_videos", "batch_size", "temperature", "top_k")
+        if e.num_videos < 2:  # FVD needs a covariance
+            raise ConfigError(f"eval_generator.{name}.num_videos", f"FVD needs at least 2 videos, got {e.num_videos}", src)
+        if not e.seeds:
+            raise ConfigError(f"eval_generator.{name}.seeds", "give at least one seed", src)
         if e.top_p is not None and not 0 < e.top_p <= 1:
             raise ConfigError(f"eval_generator.{name}.top_p", f"must be in (0, 1], got {e.top_p}", src)
 

@@ -87,3 +87,23 @@ def write_markdown_section(path: str | Path, key: str, title: str, body: str) ->
     else:
         text = text.rstrip("\n") + "\n\n" + block
     write_text(path, text)
+
+
+def load_array(path: str | Path, what: str = "array", mmap: bool = True):
+    """``np.load`` of a plain ``.npy`` (memory-mapped by default) that never unpickles: pickled data, object
+    arrays and unreadable files end in one :class:`NbpError` line naming the file."""
+    import numpy as np
+
+    from nbp.errors import NbpError
+
+    path = Path(path)
+    if not path.is_file():
+        raise NbpError(f"{path}: {what} not found")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise NbpError(f"{path}: not a plain numeric {what} (.npy without pickled objects): {reason}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+        raise NbpError(f"{path}: not a plain numeric {what} (.npy without pickled objects)")
+    return arr

@@ -33,7 +33,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nbp.config import Config, ConfigError, latent_grid
+from nbp.dag import BY_NAME, FAMILIES, STAGES, selected
+from nbp.data.download import check_layout
 from nbp.errors import NbpError
+from nbp.generator.evaluate import context_pixel_frames
+from nbp.generator.layout import BlockLayout, TaskLayout, ucf101_text_ids
+from nbp.generator.released import hyper_parameters, load_allowlisted, read_released, released_layout, split_state
+from nbp.metrics.fvd import FRAMES
+from nbp.metrics.image import lpips_available
+from nbp.tokenizer.discriminator import build_discriminator
+from nbp.tokenizer.model import preset
+from nbp.tokenizer.released import config_from_state, is_released_checkpoint
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 I3D_MIN_FRAMES = 9  # the Kinetics-400 I3D's shortest input (nbp.metrics.i3d.I3D.forward)
@@ -103,8 +113,6 @@ def involved(cfg: Config, selection: dict[str, list[str]] | None = None) -> dict
     """Stage -> entries the selection runs or reads: the selected entries (:func:`nbp.dag.selected`) and the
     entries they reference (a generator's tokens, tokenizer, dataset, real stats). Names without an entry are
     left out (:func:`nbp.dag.check_wiring` reports them)."""
-    from nbp.dag import FAMILIES, STAGES, selected
-
     use: dict[str, list[str]] = {s.name: [] for s in STAGES if not s.is_global}
 
     def add(stage: str, *names: str) -> None:
@@ -131,8 +139,6 @@ def involved(cfg: Config, selection: dict[str, list[str]] | None = None) -> dict
 
 
 def _download(cfg: Config, name: str, err) -> Iterator[ConfigError]:
-    from nbp.data.download import _check_layout
-
     d = cfg.download[name]
     if d.root is not None:
         root = Path(d.root).expanduser()
@@ -140,7 +146,7 @@ def _download(cfg: Config, name: str, err) -> Iterator[ConfigError]:
             yield err(f"download.{name}.root", f"{d.root}: no such folder")
             return
         try:
-            _check_layout(d.source, root)
+            check_layout(d.source, root)
         except NbpError as e:
             yield err(f"download.{name}.root", str(e))
     elif d.source in URL_KEYS:
@@ -152,8 +158,6 @@ def _download(cfg: Config, name: str, err) -> Iterator[ConfigError]:
 
 def tokenizer_model_config(cfg: Config, name: str):
     """The model config a ``train_tokenizer`` entry trains (ConfigError when the preset's sizes do not fit)."""
-    from nbp.tokenizer.model import preset
-
     t = cfg.train_tokenizer[name]
     try:
         return preset(t.preset, channels=t.channels, norm=t.norm)
@@ -205,8 +209,6 @@ def _disc_fits(t, p, key: str, err) -> Iterator[ConfigError]:
     """The discriminator on a parameter-free (meta) copy, at the clip size training feeds it."""
     import torch
 
-    from nbp.tokenizer.discriminator import build_discriminator
-
     fits = True
     with torch.device("meta"):  # nothing is yielded inside: the caller must not run on the meta device
         disc = build_discriminator(t.disc, t.disc_channels, t.disc_layers)
@@ -241,9 +243,6 @@ def _local(checkpoint: str | None) -> Path | None:
 
 def _released_tokenizer(cfg: Config, name: str, err) -> Iterator[ConfigError]:
     """A local released tokenizer file: a released state dict of the base architecture at some width (shapes only)."""
-    from nbp.generator.released import load_allowlisted
-    from nbp.tokenizer.released import config_from_state, is_released_checkpoint
-
     key = f"train_tokenizer.{name}.checkpoint"
     path = _local(cfg.train_tokenizer[name].checkpoint)
     if path is None:
@@ -261,8 +260,6 @@ def _released_tokenizer(cfg: Config, name: str, err) -> Iterator[ConfigError]:
 
 
 def _generator(cfg: Config, name: str, err) -> Iterator[ConfigError]:
-    from nbp.generator.layout import BlockLayout, TaskLayout, ucf101_text_ids
-
     g = cfg.train_generator[name]
     key = f"train_generator.{name}"
     tok = cfg.tokenize[g.tokens].tokenizer
@@ -302,8 +299,6 @@ def _generator(cfg: Config, name: str, err) -> Iterator[ConfigError]:
 
 def _released_generator(cfg: Config, name: str, grid, vocab: int, err) -> Iterator[ConfigError]:
     """A local released ``.ckpt``: its task, block, grid and codes against the entry (shapes only)."""
-    from nbp.generator.released import hyper_parameters, read_released, released_layout, split_state
-
     g = cfg.train_generator[name]
     key = f"train_generator.{name}.checkpoint"
     path = _local(g.checkpoint)
@@ -332,8 +327,6 @@ def _released_generator(cfg: Config, name: str, grid, vocab: int, err) -> Iterat
 
 
 def _eval_tokenizer(cfg: Config, name: str, err) -> Iterator[ConfigError]:
-    from nbp.metrics.fvd import FRAMES
-
     e = cfg.eval_tokenizer[name]
     d = cfg.train_tokenizer[e.tokenizer].dataset
     if cfg.prepare[d].frames < FRAMES:
@@ -352,8 +345,6 @@ def _classes(cfg: Config, download: str) -> int | None:
 
 
 def _eval_generator(cfg: Config, name: str, err) -> Iterator[ConfigError]:
-    from nbp.generator.evaluate import context_pixel_frames
-
     e = cfg.eval_generator[name]
     g = cfg.train_generator[e.generator]
     rs = cfg.real_stats[e.real_stats]
@@ -389,13 +380,10 @@ def _eval_generator(cfg: Config, name: str, err) -> Iterator[ConfigError]:
 def lpips_problem() -> str | None:
     """Why the LPIPS weights cannot be had (None when they can): found by ``nbp.metrics.image`` (``NBP_LPIPS_VGG``,
     ``NBP_LPIPS_LIN``), or fetched by a stage that ``train_tokenizer`` waits for (one whose outputs name them)."""
-    from nbp.dag import BY_NAME
-    from nbp.metrics.image import lpips_available
-
     if lpips_available():
         return None
     for up in BY_NAME["train_tokenizer"].upstream:
-        if any("lpips" in o.lower() or "vgg" in o.lower() for o in BY_NAME[up.stage].outs + up.files):
+        if any("lpips" in o.lower() or "vgg" in o.lower() for o in [*BY_NAME[up.stage].outs.values(), *up.files]):
             return None
     for var in ("NBP_LPIPS_VGG", "NBP_LPIPS_LIN"):
         if os.environ.get(var) and not Path(os.environ[var]).expanduser().is_file():
@@ -405,8 +393,6 @@ def lpips_problem() -> str | None:
 
 
 def _weights(cfg: Config, use: dict[str, list[str]], err) -> Iterator[ConfigError]:
-    from nbp.metrics.detector import I3D_FILENAME
-
     fd = cfg.fetch_detector
     fvd_users = use["real_stats"] + use["eval_tokenizer"] + use["eval_generator"]
     if fvd_users and fd.path is not None and not Path(fd.path).expanduser().is_file():
@@ -421,17 +407,5 @@ def _weights(cfg: Config, use: dict[str, list[str]], err) -> Iterator[ConfigErro
             why = lpips_problem()
             if why:
                 yield err(f"{key}.perceptual", f"'lpips': {why} (or choose perceptual: i3d / none)")
-        elif t.perceptual == "i3d":
-            if t.i3d_weights:
-                if not Path(t.i3d_weights).expanduser().is_file():
-                    yield err(f"{key}.i3d_weights", f"{t.i3d_weights}: no such file")
-                continue
-            if (cfg.out_dir("fetch_detector") / I3D_FILENAME).is_file():
-                continue
-            from nbp.metrics.i3d import find_weights
-
-            try:
-                find_weights()
-            except NbpError:
-                yield err(f"{key}.perceptual", f"'i3d' needs the I3D weights and train_tokenizer does not wait for "
-                                               f"fetch_detector: run `nbp fetch_detector` first or set {key}.i3d_weights")
+        elif t.perceptual == "i3d" and t.i3d_weights and not Path(t.i3d_weights).expanduser().is_file():
+            yield err(f"{key}.i3d_weights", f"{t.i3d_weights}: no such file")  # else: fetch_detector is upstream

@@ -232,15 +232,53 @@ def ran_snakemake(text: str) -> set[str]:
             for j in parse_dry_run(text) if j["rule"] != "all"}
 
 
+def _table_rows(path: Path, experiment: str) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["experiment"] == f"`{experiment}`"]
+    assert rows, f"{path}: no row for `{experiment}`"
+    return rows
+
+
+def _same_number(cell: str, value: float, digits: int, where: str) -> None:
+    """A table cell written with ``digits`` decimals holds ``value`` (a mean ± std cell: its mean)."""
+    import math
+
+    if value is None or not math.isfinite(value):
+        assert cell == "—", f"{where}: table says {cell}, metrics.json says {value}"
+        return
+    shown = float(cell.split(" ± ")[0])
+    assert abs(shown - value) <= 0.5 * 10**-digits + 1e-9, f"{where}: table says {cell}, metrics.json says {value}"
+
+
 def check_results(repo: Path) -> None:
-    """The tables stage filled the embedded rows from real evaluations."""
+    """The tables stage filled the embedded rows from real evaluations: every ours-cell holds its metrics.json number."""
+    import json
+
     res = repo / "results"
     for name in ("tokenizer", "main", "ntp_vs_nbp", "block_size", "block_shape"):
         assert (res / f"{name}.md").is_file() and (res / f"{name}.csv").is_file(), name
+    out = repo / (yaml.safe_load((repo / "params.yaml").read_text())["run"].get("out") or "out")
+    tok = json.loads((out / "eval_tokenizer" / "embedded" / "metrics.json").read_text())
+    (row,) = _table_rows(res / "tokenizer.csv", "embedded")
+    for column, key, digits in (("ours rFVD", "rfvd", 1), ("ours PSNR", "psnr", 2), ("ours SSIM", "ssim", 3),
+                                ("ours codebook usage", "codebook_usage", 3)):
+        _same_number(row[column], tok[key], digits, f"tokenizer.csv {column}")
+    assert row["samples"] == str(tok["num_videos"])
     main = (res / "main.md").read_text()
     for g in ("embedded_nbp", "embedded_ntp"):
-        row = next(ln for ln in main.splitlines() if f"`{g}`" in ln)
-        assert "not run" not in row and re.search(r"\|\s*\d+\.\d", row), row
+        md_row = next(ln for ln in main.splitlines() if f"`{g}`" in ln)
+        assert "not run" not in md_row and re.search(r"\|\s*\d+\.\d", md_row), md_row
+        m = json.loads((out / "eval_generator" / g / "metrics.json").read_text())
+        (row,) = _table_rows(res / "main.csv", g)
+        _same_number(row["ours FVD"], m["gfvd"], 1, f"main.csv {g} ours FVD")
+        assert row["ours steps"] == str(m["steps"]), (g, row["ours steps"], m["steps"])
+        for table in ("ntp_vs_nbp", "block_size", "block_shape"):
+            (row,) = _table_rows(res / f"{table}.csv", g)
+            _same_number(row["ours FVD"], m["gfvd"], 1, f"{table}.csv {g} ours FVD")
+            if "ours FPS" in row:
+                _same_number(row["ours FPS"], m["fps"], 2, f"{table}.csv {g} ours FPS")
     assert (res / "block_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     gifs = sorted(p.name for p in (res / "samples").glob("*.gif"))
     assert gifs == ["embedded_nbp_samples.gif", "embedded_ntp_samples.gif", "embedded_recon.gif"], gifs

@@ -14,8 +14,10 @@ from nbp.data import embedded
 from nbp.data.datasets import UCF101, Kinetics600, camel_to_text, open_dataset
 from nbp.data.video_io import probe, read_video
 from nbp.errors import NbpError
+from nbp.generator.layout import TEXT_IDS_FILE
 
-SHARED_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucf101_llama_text_ids.tsv"
+# the copy the package ships and reads at run time (the released model's class texts and their LLaMA ids)
+PACKAGED_TSV = TEXT_IDS_FILE
 
 
 def test_camel_to_text_known_cases():
@@ -27,9 +29,8 @@ def test_camel_to_text_known_cases():
     assert camel_to_text("TTShot") == "tt shot"
 
 
-@pytest.mark.skipif(not SHARED_TSV.is_file(), reason="shared/data/ucf101_llama_text_ids.tsv not present")
 def test_camel_to_text_matches_the_released_class_texts():
-    rows = [ln.split("\t") for ln in SHARED_TSV.read_text().splitlines()[1:] if ln.strip()]
+    rows = [ln.split("\t") for ln in PACKAGED_TSV.read_text().splitlines()[1:] if ln.strip()]
     assert len(rows) == 101
     assert [camel_to_text(name) for name, _, _ in rows] == [text for _, text, _ in rows]
 

@@ -97,6 +97,47 @@ def test_embedded_dag_shape():
     assert e == want
 
 
+def _family_edges(ds: str, tok: str, gens: list[str]) -> set[tuple[str, str]]:
+    """The edges of one dataset -> tokenizer -> generators chain, as the recipe says (written here, not from nbp/dag.py):
+    clips feed the FVD reference, the tokenizer (and its evaluation) and the token shards; each generator trains on
+    the shards and is scored with its tokenizer against the reference; every evaluation feeds the tables."""
+    want = {
+        (f"download@{ds}", f"prepare@{ds}"), (f"prepare@{ds}", f"real_stats@{ds}"), ("fetch_detector", f"real_stats@{ds}"),
+        (f"prepare@{ds}", f"train_tokenizer@{tok}"), (f"train_tokenizer@{tok}", f"eval_tokenizer@{tok}"),
+        (f"prepare@{ds}", f"eval_tokenizer@{tok}"), ("fetch_detector", f"eval_tokenizer@{tok}"),
+        (f"train_tokenizer@{tok}", f"tokenize@{tok}"), (f"prepare@{ds}", f"tokenize@{tok}"), (f"eval_tokenizer@{tok}", "tables"),
+    }
+    for g in gens:
+        want |= {(f"tokenize@{tok}", f"train_generator@{g}"), (f"train_generator@{g}", f"eval_generator@{g}"),
+                 (f"tokenize@{tok}", f"eval_generator@{g}"), (f"train_tokenizer@{tok}", f"eval_generator@{g}"),
+                 (f"real_stats@{ds}", f"eval_generator@{g}"), ("fetch_detector", f"eval_generator@{g}"),
+                 (f"eval_generator@{g}", "tables")}
+    return want
+
+
+ABLATIONS = ["k600_base_ntp", "k600_base_nbp8", "k600_base_nbp16", "k600_base_nbp32", "k600_base_nbp64", "k600_base_nbp256",
+             "k600_base_b1x4x4", "k600_base_b2x1x8", "k600_base_b2x2x2"]
+
+
+def test_k600_ablations_dag_shape():
+    """Figure 7 / Table 3: nine K600 generators on one tokenizer; no generator depends on another."""
+    _, dv, sm = _dags("k600_ablations")
+    want = _family_edges("k600", "k600", ABLATIONS)
+    assert edges_snakemake(sm) == want
+    assert want <= edges_dvc(dv)
+    assert not {(a, b) for a, b in edges_snakemake(sm) if a.startswith("train_generator@") and b != a.replace("train_", "eval_")}
+
+
+def test_released_dag_shape():
+    """The released checkpoints: two separate chains (UCF-101, K600), imported tokenizers and generators, no crossing."""
+    _, dv, sm = _dags("released")
+    want = _family_edges("ucf101", "released_ucf", ["released_ucf_nbp16"])
+    want |= _family_edges("k600", "released_k600", ["released_k600_nbp16"])
+    assert edges_snakemake(sm) == want
+    assert want <= edges_dvc(dv)
+    assert ("prepare@k600", "eval_tokenizer@released_ucf") not in edges_snakemake(sm)  # families never cross
+
+
 def test_snakemake_lint_is_clean():
     res = snakemake(["--lint"], check=False)
     assert res.returncode == 0 and "good condition" in res.stdout + res.stderr, res.stdout + res.stderr

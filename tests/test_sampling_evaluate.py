@@ -169,9 +169,27 @@ def test_frame_prediction_conditions_on_the_encoded_first_frames(tmp_path, stand
     assert grid.shape[1] == 2 + 2 * (64 + 2) and grid.shape[2] == 2 + 3 * (64 + 2)  # real row above the predictions (x8: 64 px)
 
 
-def test_sample_command_classes_and_context(tmp_path, standin):
-    from nbp.cli import main
+def _record_generate(monkeypatch) -> list:
+    """(task, prompt ids, generated ids) of every LoadedGenerator.generate call."""
+    from nbp.generator import LoadedGenerator
 
+    calls, generate = [], LoadedGenerator.generate
+
+    def spy(self, prefix_ids, *args, **kwargs):
+        ids = generate(self, prefix_ids, *args, **kwargs)
+        calls.append((self.task, prefix_ids.detach().clone(), ids.detach().clone()))
+        return ids
+
+    monkeypatch.setattr(LoadedGenerator, "generate", spy)
+    return calls
+
+
+def test_sample_command_classes_and_context(tmp_path, standin, monkeypatch):
+    from nbp.cli import main
+    from nbp.data.video_io import read_clip, to_uint8_video
+    from nbp.generator.sampling import codes_of
+
+    calls = _record_generate(monkeypatch)
     out = tmp_path / "out"
     _write_upstream(out, "class")
     gen = out / "train_generator" / "embedded_nbp" / "generator.pt"
@@ -181,6 +199,15 @@ def test_sample_command_classes_and_context(tmp_path, standin):
     files = sorted(p.name for p in dst.iterdir())
     assert files == ["Class0_0.mp4", "Class2_0.mp4", "grid.gif", "grid.mp4"]
     assert read_video(dst / "Class2_0.mp4").shape == (FRAMES, RES, RES, 3)
+    # the classes asked for, in the order asked: label 2, then Class0 (label 0)
+    task, prompt, ids = calls[-1]
+    assert torch.equal(prompt, prompt_ids(task, labels=torch.tensor([2, 0])))
+    assert torch.equal(ids[:, : prompt.shape[1]], prompt)
+    # and each file holds its own row: Class2_0.mp4 is the decoded first sample, Class0_0.mp4 the second
+    decoded = to_uint8_video(load_tokenizer(tok).decode_codes(codes_of(task, ids))).astype(float)  # [2, T, H, W, 3]
+    for row, name in enumerate(("Class2_0.mp4", "Class0_0.mp4")):
+        err = [np.abs(read_video(dst / name).astype(float) - d).mean() for d in decoded]
+        assert err[row] < err[1 - row], (name, err)
     assert main(["sample", str(gen), "--tokenizer", str(tok), "--classes", "Nope", "--out", str(dst)]) == 1
 
     _write_upstream(tmp_path / "fp", "frame_pred")
@@ -191,3 +218,12 @@ def test_sample_command_classes_and_context(tmp_path, standin):
                  "--tokenizer", str(tmp_path / "fp" / "train_tokenizer" / "embedded" / "tokenizer.pt"),
                  "--context", str(video), "--num", "2", "--out", str(dst2)]) == 0
     assert sorted(p.name for p in dst2.iterdir()) == ["ctx_0.mp4", "ctx_1.mp4", "grid.gif", "grid.mp4"]
+    # the context given: the first 5 frames of ctx.mp4 (2 latent frames), encoded, lead both predictions unchanged
+    task, prompt, ids = calls[-1]
+    fp_tok = load_tokenizer(tmp_path / "fp" / "train_tokenizer" / "embedded" / "tokenizer.pt")
+    first = torch.from_numpy(read_clip(video, 5, fps=8, start="first", size=RES)).permute(3, 0, 1, 2)[None].float() / 255
+    with torch.no_grad():
+        context = fp_tok.encode_codes(first).long()  # [1, 2, H', W']
+    assert context.shape[1] == task.context_frames == 2
+    assert torch.equal(prompt, prompt_ids(task, context=context.expand(2, -1, -1, -1)))
+    assert torch.equal(codes_of(task, ids)[:, :2], context.expand(2, -1, -1, -1))

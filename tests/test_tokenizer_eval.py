@@ -28,6 +28,25 @@ class FakeI3D(torch.nn.Module):
         return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), x[:, :, :, ::16, ::16].flatten(2).mean(2) ** 2], 1)
 
 
+def _reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of Wang et al. (2004) written plainly: an 11x11 Gaussian window (sigma 1.5) via scipy, the valid part of
+    each map (5 pixels in from every edge), K1 = 0.01, K2 = 0.03, range 1; averaged over channels, frames and clips."""
+    from scipy.ndimage import gaussian_filter
+
+    def blur(img):
+        return gaussian_filter(img, 1.5, truncate=5 / 1.5, mode="reflect")[5:-5, 5:-5]
+
+    c1, c2, maps = 0.01**2, 0.03**2, []
+    for clip_a, clip_b in zip(a.astype(np.float64), b.astype(np.float64)):  # [3, T, H, W] each
+        for c in range(clip_a.shape[0]):
+            for t in range(clip_a.shape[1]):
+                x, y = clip_a[c, t], clip_b[c, t]
+                mx, my = blur(x), blur(y)
+                vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+                maps.append(((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
+    return float(np.mean(maps))
+
+
 def test_eval_tokenizer_metrics_and_grid(tmp_path, monkeypatch):
     import nbp.metrics.fvd as fvd
     from nbp.metrics.detector import I3D_FILENAME
@@ -59,7 +78,7 @@ def test_eval_tokenizer_metrics_and_grid(tmp_path, monkeypatch):
     assert (m["codebook_usage"], m["perplexity"]) == pytest.approx(codebook_stats(counts))
     feats = FakeI3D()(fvd.preprocess(torch.cat([x, rec]), 16, resolution=16)).numpy()
     assert m["rfvd"] == pytest.approx(fvd.frechet_distance(feats[:5], feats[5:]), rel=1e-4)
-    assert 0 < m["ssim"] <= 1
+    assert m["ssim"] == pytest.approx(_reference_ssim(x.numpy(), rec.numpy()), rel=1e-5)
 
     from nbp.data.video_io import read_video
 

@@ -1,6 +1,7 @@
 """Released magvit2_*.pt import: the documented key layout, strict loading, identical outputs."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -137,3 +138,143 @@ def test_load_magvit2_reads_both_formats(tmp_path):
     torch.save({"model_state_dict": to_released_state_dict(frame_norm)}, tmp_path / "magvit2_small.pt")
     with pytest.raises(NbpError, match="magvit2_small.pt"):
         load_magvit2(tmp_path / "magvit2_small.pt")
+
+
+# --------------------------------------------------------------------------------------
+# a known answer that does not go through our key mapping: a state dict written by hand under the documented
+# released names (NBP.md sections 3-4), run by a plain forward written here from the same text
+
+SCALE, GROUPS = 4, 8  # widths / 4 (128 -> 32, ..., 4096 -> 1024) and 8 groups, so it runs in a second
+
+
+def _w(c: int) -> int:
+    return c if c in (3, 6) else c // SCALE
+
+
+def _hand_written_released_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under every documented key, shapes from NBP.md (widths / SCALE); each norm, slope and bias
+    gets its own non-trivial values, so swapping any two of them changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in _documented_keys().items():
+        if key.endswith("beta"):  # Swish slope [1, C, 1, 1, 1]
+            sd[key] = 1 + 0.3 * torch.randn(1, _w(shape[1]), 1, 1, 1, generator=g)
+        elif len(shape) == 5:  # conv kernel [out, in, k, k, k]
+            out, cin, *k = shape
+            sd[key] = torch.randn(_w(out), _w(cin), *k, generator=g) / (_w(cin) * k[0] ** 3) ** 0.5
+        elif key.endswith("weight"):  # GroupNorm scale
+            sd[key] = 1 + 0.3 * torch.randn(_w(shape[0]), generator=g)
+        else:  # conv and GroupNorm biases
+            sd[key] = 0.1 * torch.randn(_w(shape[0]), generator=g)
+    return sd
+
+
+def _ref_causal_conv(x, w, b, stride=(1, 1, 1)):
+    """Replicate-pad time by 2*(k//2) at the front and space by k//2 on both sides, then a plain Conv3d."""
+    p = w.shape[-1] // 2
+    if p:
+        x = torch.nn.functional.pad(x, (p, p, p, p, 2 * p, 0), mode="replicate")
+    return torch.nn.functional.conv3d(x, w, b, stride)
+
+
+def _ref_group_norm_per_frame(x, w, b):
+    B, C, T, H, W = x.shape
+    y = torch.nn.functional.group_norm(x.transpose(1, 2).reshape(B * T, C, H, W), GROUPS, w, b, eps=1e-5)
+    return y.reshape(B, T, C, H, W).transpose(1, 2)
+
+
+def _ref_swish(x, beta):
+    return x * torch.sigmoid(beta * x)
+
+
+def _ref_depth_to_space(x, f):
+    """channel ((it * fh + ih) * fw + iw) * C_out + c -> output (c, t * ft + it, h * fh + ih, w * fw + iw); then drop
+    the first ft - 1 frames."""
+    ft, fh, fw = f
+    B, C, T, H, W = x.shape
+    c = C // (ft * fh * fw)
+    out = x.new_zeros(B, c, T * ft, H * fh, W * fw)
+    for it in range(ft):
+        for ih in range(fh):
+            for iw in range(fw):
+                k = ((it * fh + ih) * fw + iw) * c
+                out[:, :, it::ft, ih::fh, iw::fw] = x[:, k:k + c]
+    return out[:, :, ft - 1:]
+
+
+def _ref_run(sd, prefix, layers, x, strides=(), d2s=()):
+    strides, d2s = list(strides), list(d2s)
+    for n, (kind, *_) in enumerate(layers):
+        p = f"module.{prefix}.{n}."
+        if kind == "cconv":
+            stride = strides.pop(0) if n and strides and prefix == "encoder_layers" else (1, 1, 1)
+            x = _ref_causal_conv(x, sd[p + "conv.weight"], sd[p + "conv.bias"], stride)
+        elif kind == "conv":
+            x = torch.nn.functional.conv3d(x, sd[p + "weight"], sd[p + "bias"])
+        elif kind == "gn":
+            x = _ref_group_norm_per_frame(x, sd[p + "weight"], sd[p + "bias"])
+        elif kind == "swish":
+            x = _ref_swish(x, sd[p + "beta"])
+        elif kind == "d2s":
+            x = _ref_depth_to_space(x, d2s.pop(0))
+        elif kind == "res":
+            h = _ref_swish(_ref_group_norm_per_frame(x, sd[p + "fn.0.weight"], sd[p + "fn.0.bias"]), sd[p + "fn.1.beta"])
+            h = _ref_causal_conv(h, sd[p + "fn.2.conv.weight"], sd[p + "fn.2.conv.bias"])
+            h = _ref_swish(_ref_group_norm_per_frame(h, sd[p + "fn.3.weight"], sd[p + "fn.3.bias"]), sd[p + "fn.4.beta"])
+            h = _ref_causal_conv(h, sd[p + "fn.5.conv.weight"], sd[p + "fn.5.conv.bias"])
+            skip = p + "residual_fn.0.conv.weight"
+            x = h + (_ref_causal_conv(x, sd[skip], sd[p + "residual_fn.0.conv.bias"]) if skip in sd else x)
+    return x
+
+
+LEVELS = (8, 8, 8, 5, 5, 5)
+ENC_STRIDES = [(1, 2, 2), (2, 2, 2), (2, 2, 2)]  # the three down-sampling convs of the encoder, in order
+DEC_FACTORS = [(2, 2, 2), (2, 2, 2), (1, 2, 2)]  # the three DepthToSpace of the decoder, in order
+
+
+def _ref_fsq_indices(z):
+    """NBP.md section 4: bound, round half to even, digits with the first channel least significant."""
+    idx = torch.zeros(z.shape[0], *z.shape[2:], dtype=torch.int64)
+    basis = 1
+    for d, L in enumerate(LEVELS):
+        half_l = (L - 1) * (1 - 1e-3) / 2
+        offset = 0.5 if L % 2 == 0 else 0.0
+        q = torch.round(torch.tanh(z[:, d] + math.tan(offset / half_l)) * half_l - offset)
+        idx += (q.long() + L // 2) * basis
+        basis *= L
+    return idx
+
+
+def _ref_codes(idx):
+    out, basis = [], 1
+    for L in LEVELS:
+        out.append(((idx // basis) % L - L // 2).float() / (L // 2))
+        basis *= L
+    return torch.stack(out, 1)  # [B, 6, T', H', W']
+
+
+def test_released_import_matches_a_plain_forward_over_the_documented_keys(tmp_path):
+    enc_layers, dec_layers = _documented_layers()
+    sd = _hand_written_released_state()
+    path = tmp_path / "magvit2_hand.pt"
+    torch.save({"model_state_dict": sd}, path)
+    cfg = dataclasses.replace(PRESETS["base"], channels=128 // SCALE, norm_groups=GROUPS)
+    model = load_released(path, config=cfg)
+    x = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z_ref = _ref_run(sd, "encoder_layers", enc_layers, x, strides=ENC_STRIDES)  # [1, 6, 3, 2, 2]
+        torch.testing.assert_close(model.encoder(x), z_ref, rtol=1e-4, atol=1e-5)
+        codes = model.encode_codes(x)
+        assert torch.equal(codes.long(), _ref_fsq_indices(z_ref))
+        video_ref = _ref_run(sd, "decoder_layers", dec_layers, _ref_codes(codes.long()), d2s=DEC_FACTORS)
+        assert video_ref.shape == (1, 3, 9, 16, 16)
+        torch.testing.assert_close(model.decode_from_code_indices(codes), video_ref, rtol=1e-4, atol=1e-5)
+
+        # the known answer can fail: a file whose two norms of one residual unit are swapped decodes differently
+        swapped = dict(sd)
+        for kind in ("weight", "bias"):
+            a, b = f"module.decoder_layers.3.fn.0.{kind}", f"module.decoder_layers.3.fn.3.{kind}"
+            swapped[a], swapped[b] = sd[b], sd[a]
+        torch.save({"model_state_dict": swapped}, tmp_path / "swapped.pt")
+        wrong = load_released(tmp_path / "swapped.pt", config=cfg)
+        assert not torch.allclose(wrong.decode_from_code_indices(codes), video_ref, rtol=1e-3, atol=1e-3)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from nbp.errors import NbpError
+from nbp.io import load_array
 
 MANIFEST_COLUMNS = ["clip", "video", "label", "class_name", "class_text", "fps", "num_frames", "start"]
 
@@ -23,7 +24,7 @@ class ClipCache:
         for p in (folder / "clips.npy", folder / "manifest.csv", self.root / "classes.json"):
             if not p.is_file():
                 raise NbpError(f"{p}: not found (run `nbp prepare` first)")
-        self.frames = np.load(folder / "clips.npy", mmap_mode="r")  # uint8 [N, T, H, W, 3]
+        self.frames = load_array(folder / "clips.npy", "clip cache")  # uint8 [N, T, H, W, 3]
         self.manifest = pd.read_csv(folder / "manifest.csv", keep_default_na=False)
         missing = [c for c in MANIFEST_COLUMNS if c not in self.manifest.columns]
         if missing:

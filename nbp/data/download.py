@@ -93,7 +93,7 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def _check_layout(source: str, root: Path) -> list[str]:
+def check_layout(source: str, root: Path) -> list[str]:
     need = {"ucf101": ["UCF-101", "ucfTrainTestlist/classInd.txt"], "embedded": ["UCF-101", "ucfTrainTestlist/classInd.txt"],
             "k600": ["k600/annotations"]}[source]
     missing = [n for n in need if not (root / n).exists()]
@@ -132,7 +132,7 @@ def run_download(cfg, name: str, paths: dag.StagePaths | None = None, dry_run: b
         if dry_run:
             print(f"download {name} (dry run): would link the local copy {root} into {out}/")
             return
-        tops = _check_layout(entry.source, root)
+        tops = check_layout(entry.source, root)
         with atomic_dir(out) as tmp:
             for top in sorted(set(tops)):
                 os.symlink(root / top, tmp / top)
@@ -169,7 +169,7 @@ def run_download(cfg, name: str, paths: dag.StagePaths | None = None, dry_run: b
         elif it.place:
             (staging / it.place).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(it.file, staging / it.place)
-    _check_layout(entry.source, staging)
+    check_layout(entry.source, staging)
     write_json(staging / "source.json", {"source": entry.source, "entry": to_dict(entry), "files": [it.url for it in items]})
     _publish(staging, out)
     shutil.rmtree(marks, ignore_errors=True)

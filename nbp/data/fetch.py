@@ -170,10 +170,10 @@ def fetch(url: str, dest: str | Path, *, lock: LockFile | None = None, sha256: s
     return dest
 
 
-def obtain(src: str, folder: Path) -> tuple[Path, str]:
-    """A released file named in params: a URL is fetched into ``folder`` (resumable, checksum recorded), a local
-    path is used where it is. -> (path, sha256)."""
-    path = fetch(src, folder / Path(src.split("?")[0]).name) if "://" in src else Path(src)
+def obtain(src: str, folder: Path, lock: LockFile | None = None) -> tuple[Path, str]:
+    """A released file named in params: a URL is fetched into ``folder`` (resumable; its sha256 recorded in ``lock``
+    at the first download and checked on every later one), a local path is used where it is. -> (path, sha256)."""
+    path = fetch(src, folder / Path(src.split("?")[0]).name, lock=lock) if "://" in src else Path(src)
     if not path.is_file():
         raise NbpError(f"{path}: released checkpoint not found")
     return path, sha256_file(path)

@@ -167,7 +167,8 @@ def run_prepare(cfg, name: str, paths: dag.StagePaths | None = None) -> None:
         for code, subset in enumerate(SUBSETS):
             videos = _subsample(ds.videos(subset), entry.max_videos.get(subset), cfg.run.seed)
             if not videos:
-                raise NbpError(f"prepare.{name}: the {subset} split of {src_root} has no videos")
+                listed = ds.list_file(subset) if hasattr(ds, "list_file") else ds.root / "annotations" / f"{subset}.csv"
+                raise NbpError(f"{listed}: no videos in the {subset} split (prepare.{name}, dataset {src_root})")
             train = subset == "train"
             spec = ClipSpec(entry.frames, entry.fps, entry.resolution, entry.resize,
                             entry.train_clips_per_video if train else 1, "random" if train else "center", cfg.run.seed, code)

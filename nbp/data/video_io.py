@@ -276,7 +276,10 @@ def read_clip(path: str | Path, frames: int, fps: float | None = None, start: St
     info = info or probe(path)
     if isinstance(rng, int) or rng is None:
         rng = np.random.default_rng(rng)
-    idx = clip_indices(info.num_frames, info.fps, frames, fps, start, rng)
+    try:
+        idx = clip_indices(info.num_frames, info.fps, frames, fps, start, rng)
+    except VideoTooShortError as e:
+        raise VideoTooShortError(f"{path}: {e}", e.num_frames) from None
     try:
         clip = read_frames(path, idx, size, resize)
     except VideoTooShortError as e:

@@ -40,16 +40,25 @@ class LoadedGenerator:
         return generate(self.model, self.task, prefix_ids, max_new_tokens, **kwargs)
 
 
-def generator_from_checkpoint(ckpt: dict, device="cpu") -> LoadedGenerator:
-    """Build a LoadedGenerator from an ``nbp-generator`` checkpoint dict."""
+def generator_from_checkpoint(ckpt: dict, device="cpu", source: str = "generator checkpoint") -> LoadedGenerator:
+    """Build a LoadedGenerator from an ``nbp-generator`` checkpoint dict (``source`` names it in errors)."""
+    from nbp.errors import NbpError
     from nbp.generator.layout import TaskLayout
     from nbp.generator.model import GPT, GPTConfig
 
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        task = TaskLayout.from_dict(ckpt["task"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise NbpError(f"{source}: bad generator config or task ({type(e).__name__}: {e})") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise NbpError(f"{source}: weights do not match the generator config ({' '.join(first[:2])[:300]})") from None
     model.to(device).eval()
     info = {k: v for k, v in ckpt.items() if k not in ("model", "config", "task", "classes", "tokenizer")}
-    return LoadedGenerator(model, TaskLayout.from_dict(ckpt["task"]), list(ckpt.get("classes", [])), ckpt.get("tokenizer"), info)
+    return LoadedGenerator(model, task, list(ckpt.get("classes", [])), ckpt.get("tokenizer"), info)
 
 
 def load_generator(path: str | Path, device="cpu") -> LoadedGenerator:
@@ -65,7 +74,7 @@ def load_generator(path: str | Path, device="cpu") -> LoadedGenerator:
 
             raise NotBuiltError(f"{path}: released checkpoints need nbp.generator.released ({e})") from None
         return load_released_generator(path, device=device)
-    return generator_from_checkpoint(load_checkpoint(path, map_location="cpu", expect=FORMAT), device)
+    return generator_from_checkpoint(load_checkpoint(path, map_location="cpu", expect=FORMAT), device, source=str(path))
 
 
 __all__ = ["FORMAT", "LoadedGenerator", "generator_from_checkpoint", "load_generator"]

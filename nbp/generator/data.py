@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from nbp.errors import NbpError
+from nbp.io import load_array
 
 MANIFEST_COLUMNS = ["clip", "video", "label", "class_text"]
 
@@ -27,7 +28,13 @@ def read_meta(root: str | Path) -> dict:
     path = Path(root) / "meta.json"
     if not path.is_file():
         raise NbpError(f"{path}: token shards not found (run `nbp tokenize` first)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NbpError(f"{path}: not valid JSON ({e}); run `nbp tokenize` again") from None
+    if not isinstance(meta, dict) or not {"grid", "vocab_size"} <= set(meta):
+        raise NbpError(f"{path}: expected a mapping with 'grid' and 'vocab_size'; run `nbp tokenize` again")
+    return meta
 
 
 def write_split(split_dir: str | Path, codes: np.ndarray, manifest: pd.DataFrame) -> None:
@@ -50,7 +57,10 @@ class TokenShards:
         for f in ("tokens.npy", "manifest.csv"):
             if not (d / f).is_file():
                 raise NbpError(f"{d / f}: missing (run `nbp tokenize` again)")
-        self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
+        self.tokens = load_array(d / "tokens.npy", "token array")
+        if self.tokens.ndim != 4 or self.tokens.dtype.kind not in "iu":
+            raise NbpError(f"{d / 'tokens.npy'}: expected integer codes [N, T', H', W'], got {self.tokens.dtype} "
+                           f"{list(self.tokens.shape)}")
         self.manifest = pd.read_csv(d / "manifest.csv")
         if len(self.manifest) != len(self.tokens):
             raise NbpError(f"{d}: manifest.csv has {len(self.manifest)} rows but tokens.npy {len(self.tokens)} clips")

@@ -173,6 +173,11 @@ def run_eval_generator(cfg: Config, name: str, paths: dag.StagePaths | None = No
     tok = load_tokenizer(tok_path, device)
     if tok.vocab_size != gen.task.video_vocab:
         raise NbpError(f"{gen_path}: generator codes ({gen.task.video_vocab}) do not match {tok_path} ({tok.vocab_size})")
+    clip = cfg.prepare[cfg.train_tokenizer[dag.gen_tokenizer(cfg, ec.generator)].dataset]
+    tok_grid = tuple(tok.latent_grid(clip.frames, clip.resolution, clip.resolution))
+    if tok_grid != tuple(gen.task.layout.grid):
+        raise NbpError(f"{gen_path}: blocks laid out on a latent grid {list(gen.task.layout.grid)}, but {tok_path} makes "
+                       f"{list(tok_grid)} from {clip.frames}x{clip.resolution}x{clip.resolution} clips")
     stats_path = paths.need("real_stats") / "stats.npz"
     mu_real, sigma_real = fvd.load_stats(stats_path)
     i3d = fvd.get_i3d(paths.need("detector"), device)

@@ -36,7 +36,7 @@ import torch
 
 from nbp import dag
 from nbp.config import ConfigError, to_dict
-from nbp.data.fetch import obtain
+from nbp.data.fetch import lock_for, obtain
 from nbp.errors import NbpError
 from nbp.generator import FORMAT, HISTORY_COLUMNS, LoadedGenerator, generator_from_checkpoint
 from nbp.generator.layout import TEXT_IDS_FILE, TEXT_LEN, TEXT_VOCAB, BlockLayout, TaskLayout, ucf101_text_ids
@@ -310,7 +310,7 @@ def run_import_released(cfg, name: str, paths) -> Path:
     src = g.checkpoint
     if src is None:
         raise ConfigError(f"train_generator.{name}.checkpoint", "source is 'released' but no checkpoint is given")
-    path, sha = obtain(src, paths.state)
+    path, sha = obtain(src, paths.state, lock_for(cfg))
     B = g.block[0] * g.block[1] * g.block[2]
     ckpt = import_released_generator(path, block=B, context_frames=g.context_frames)
     task = ckpt["task"]

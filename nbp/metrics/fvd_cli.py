@@ -67,37 +67,55 @@ def folder_batches(folder: Path, num_videos: int | None, frames: int, sampling: 
         if len(paths) < num_videos:
             raise NbpError(f"{folder}: {len(paths)} videos, --num-videos asks for {num_videos}")
         paths = paths[:num_videos]
+    if len(paths) < 2:
+        raise NbpError(f"{folder}: {len(paths)} video, FVD needs at least 2 in each set")
     for i in range(0, len(paths), batch_size):
         chunk = paths[i:i + batch_size]
         yield _stack([read_clip(p, frames, start=sampling) for p in chunk], chunk, resolution)  # uint8 [frames, H, W, 3] each
 
 
-def side_stats(src: str, args, model_fn) -> tuple[np.ndarray, np.ndarray, int, str]:
-    """(mu, sigma, n, kind) of one side of the comparison."""
+def side_stats(src: str, args, model_fn, side: str = "videos") -> tuple[np.ndarray, np.ndarray, int, str]:
+    """(mu, sigma, n, kind) of one side of the comparison (``side``: "real" or "gen", named in errors)."""
+    from nbp.io import load_array
     from nbp.metrics.fvd import extract_features, feature_stats, stats_info
 
     p = Path(src)
     if not p.exists():
-        raise NbpError(f"{p}: no such file or folder")
+        raise NbpError(f"{p}: no such file or folder ({side} set)")
+
+    def at_least_two(n: int, what: str) -> None:
+        if n < 2:
+            raise NbpError(f"{p}: the {side} set has {n} {what}, FVD needs at least 2 in each set")
+
     if p.is_dir():
         clips = folder_batches(p, args.num_videos, args.frames, args.sampling, args.batch_size, args.resolution)
         kind = "videos"
     elif p.suffix == ".npz":
         info = stats_info(p)
+        if "n" in info:
+            at_least_two(int(info["n"]), "videos behind its statistics")
         return np.asarray(info["mu"]), np.asarray(info["sigma"]), int(info.get("n", 0)), "stats"
     elif p.suffix == ".npy":
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        arr = load_array(p, "features/clips array")
         if arr.ndim == 2:
             feats = np.asarray(arr[: args.num_videos])
+            at_least_two(len(feats), "feature vectors")
             mu, sigma = feature_stats(feats)
             return mu, sigma, len(feats), "features"
         if arr.ndim != 5 or arr.dtype != np.uint8:
             raise NbpError(f"{p}: expected features [N, D] or uint8 clips [N, T, H, W, 3], got {arr.dtype} {arr.shape}")
         clips, kind = arr[: args.num_videos], "clips"
+        at_least_two(len(clips), "clips")
+        if clips.shape[1] < args.frames:
+            raise NbpError(f"{p}: clips have {clips.shape[1]} frames, the FVD protocol (--frames) needs {args.frames}")
     else:
         raise NbpError(f"{p}: not a folder of videos, a .npz statistics file or a .npy features/clips file")
-    feats = extract_features(clips, model_fn(), batch_size=args.batch_size, device=args.device_t, frames=args.frames,
-                             resolution=args.resolution, sampling=args.sampling, desc=f"I3D {p.name}")
+    model = model_fn()  # its own errors name the weights file
+    try:
+        feats = extract_features(clips, model, batch_size=args.batch_size, device=args.device_t, frames=args.frames,
+                                 resolution=args.resolution, sampling=args.sampling, desc=f"I3D {p.name}")
+    except NbpError as e:
+        raise NbpError(f"{e} ({side} set)") from None
     mu, sigma = feature_stats(feats)
     return mu, sigma, len(feats), kind
 
@@ -113,8 +131,8 @@ def main(args: argparse.Namespace) -> int:
         raise NbpError(f"--num-videos: FVD needs at least 2 videos, got {args.num_videos}")
     args.device_t = resolve_device(args.device)
     t0 = time.time()
-    real = side_stats(args.real, args, lambda: get_i3d(args.weights, args.device_t))
-    gen = side_stats(args.gen, args, lambda: get_i3d(args.weights, args.device_t))
+    real = side_stats(args.real, args, lambda: get_i3d(args.weights, args.device_t), side="real")
+    gen = side_stats(args.gen, args, lambda: get_i3d(args.weights, args.device_t), side="gen")
     fvd = frechet_distance_from_stats(real[0], real[1], gen[0], gen[1])
     result = {
         "fvd": fvd,

@@ -138,11 +138,13 @@ def load_lpips(vgg: str | Path | None = None, lin: str | Path | None = None, dev
     if key in _LPIPS:
         return _LPIPS[key]
     model = LPIPS()
-    try:
-        vsd = torch.load(vgg, map_location="cpu", weights_only=True)
-        lsd = torch.load(lin, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise NbpError(f"LPIPS weights unreadable: {e}") from None
+    from nbp.checkpoint import read_torch_file
+
+    vsd = read_torch_file(vgg, "LPIPS VGG16 state dict (NBP_LPIPS_VGG)")
+    lsd = read_torch_file(lin, "LPIPS heads file (NBP_LPIPS_LIN)")
+    for p, sd_ in ((vgg, vsd), (lin, lsd)):
+        if not isinstance(sd_, dict):
+            raise NbpError(f"{p}: expected a state dict, got {type(sd_).__name__}")
     sd = {}
     for i, _, _ in _VGG_CONVS:
         for kind in ("weight", "bias"):

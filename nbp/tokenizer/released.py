@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from nbp.checkpoint import read_torch_file
 from nbp.config import ConfigError, to_dict
-from nbp.data.fetch import obtain
+from nbp.data.fetch import lock_for, obtain
 from nbp.errors import NbpError
 from nbp.tokenizer import tokenizer_checkpoint
 from nbp.tokenizer.fsq import FSQ
@@ -170,7 +170,7 @@ def import_released(cfg, name: str, tcfg, paths) -> Path:
     src = tcfg.checkpoint
     if src is None:
         raise ConfigError(f"train_tokenizer.{name}.checkpoint", "source is 'released' but no checkpoint is given")
-    path, sha = obtain(src, paths.state)
+    path, sha = obtain(src, paths.state, lock_for(cfg))
     model = load_released(path)
     p = cfg.prepare[tcfg.dataset]
     ckpt = tokenizer_checkpoint(model, preset="base", source="released", released_file=src, sha256=sha, dataset=tcfg.dataset,

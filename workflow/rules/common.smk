@@ -2,11 +2,12 @@
 # launcher that nbp/dag.py describes (dvc.yaml is generated from the same description).
 from pathlib import Path
 
-from nbp import dag
+from nbp import dag, validate
 from nbp.config import from_dict
 
 CFG = from_dict(dict(config), source="params.yaml (Snakemake config)")
 dag.check_wiring(CFG)
+validate.check_consistency(CFG)  # everything knowable before the first job: one line naming the keys
 ENV = "../envs/nbp.yaml"
 
 
