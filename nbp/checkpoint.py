@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from nbp import __version__
 from nbp.errors import NbpError
 from nbp.io import atomic_path
 
@@ -35,8 +36,6 @@ def code_version() -> str:
             return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    from nbp import __version__
-
     return __version__
 
 

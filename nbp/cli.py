@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from nbp import __version__, dag
@@ -48,16 +49,18 @@ def _load_impl(spec: str):
     return getattr(mod, func)
 
 
-def _validate(cfg: Config, extra: dict[str, list[str]] | None = None) -> None:
-    """Everything knowable before a stage runs (nbp.validate) for the run's selection and the entries asked for, so
-    that `dvc repro` stops at its first stage, not after hours of training."""
+def _validate(cfg: Config, only: dict[str, list[str]] | None = None) -> None:
+    """Everything knowable before a stage runs (nbp.validate): for ``only`` (a stage's own entries and what they
+    read) or, with ``only=None`` and when DVC runs the command (it sets DVC_STAGE), for the run's whole selection, so
+    that `dvc repro` stops at its first stage, not after hours of training. Snakemake checks the whole selection
+    when it parses the Snakefile."""
     from nbp import validate  # imports torch: not for `nbp --help`
 
     dag.check_wiring(cfg)
-    selection = {f: list(getattr(cfg.run, f)) for f in dag.FAMILIES}
-    for family, names in (extra or {}).items():
-        selection[family] += [n for n in names if n not in selection[family]]
-    validate.check_consistency(cfg, selection)
+    if only is None or "DVC_STAGE" in os.environ:
+        validate.check_consistency(cfg)
+    if only:
+        validate.check_consistency(cfg, only)
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -153,7 +156,7 @@ def run(argv: list[str] | None = None) -> int:
     cfg = load_config(args.params, overrides=_parse_overrides(args.set))
     stage = dag.BY_NAME[args.command]
     entries = _entries(cfg, stage.name, getattr(args, "name", None))
-    _validate(cfg, {stage.family: [e for e in entries if e is not None]} if stage.family else None)
+    _validate(cfg, {stage.family: [e for e in entries if e is not None]} if stage.family else {})
     fn = _load_impl(stage.impl)
     extra = {}
     for flag, _ in stage.options:

@@ -56,7 +56,16 @@ FAMILIES = {
 # Modules no stage output depends on: the CLI and package entry points, error types, progress bars and W&B,
 # and this registry. Imports of them are not followed. tests/test_pipeline_e2e.py records the nbp modules each
 # stage really imports and checks they are covered by its code deps.
-UNTRACKED_CODE = ("nbp/__init__.py", "nbp/__main__.py", "nbp/cli.py", "nbp/errors.py", "nbp/tracking.py", "nbp/dag.py")
+UNTRACKED_CODE = ("nbp/__init__.py", "nbp/__main__.py", "nbp/cli.py", "nbp/errors.py", "nbp/tracking.py", "nbp/dag.py",
+                  "nbp/validate.py")
+# The stage command runs nbp.validate before the stage: it can refuse a run, never change an output, so neither it
+# nor the modules only it imports are code deps (runtime_imports_allowed() tells the import-trace test).
+
+
+def runtime_imports_allowed(root: Path = ROOT) -> set[str]:
+    """Modules a stage process may import without them being its code deps: the untracked ones and what the
+    up-front validation imports."""
+    return set(UNTRACKED_CODE) | set(_closure("nbp.validate", root, follow_untracked=True))
 
 
 # --------------------------------------------------------------------------------------
@@ -401,9 +410,10 @@ def _imports_of(path: Path, module: str, root: Path) -> set[str]:
 
 
 @cache
-def _closure(module: str, root: Path) -> tuple[str, ...]:
-    """Repo-relative files of ``module`` and every nbp module it imports, transitively, with their packages."""
-    untracked = set(UNTRACKED_CODE)
+def _closure(module: str, root: Path, follow_untracked: bool = False) -> tuple[str, ...]:
+    """Repo-relative files of ``module`` and every nbp module it imports, transitively, with their packages
+    (without the untracked modules, whose imports are not followed unless ``follow_untracked``)."""
+    untracked = set() if follow_untracked else set(UNTRACKED_CODE)
     seen: set[str] = set()
     todo = [module]
     while todo:

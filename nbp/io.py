@@ -15,6 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from nbp.errors import NbpError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -92,10 +96,6 @@ def write_markdown_section(path: str | Path, key: str, title: str, body: str) ->
 def load_array(path: str | Path, what: str = "array", mmap: bool = True):
     """``np.load`` of a plain ``.npy`` (memory-mapped by default) that never unpickles: pickled data, object
     arrays and unreadable files end in one :class:`NbpError` line naming the file."""
-    import numpy as np
-
-    from nbp.errors import NbpError
-
     path = Path(path)
     if not path.is_file():
         raise NbpError(f"{path}: {what} not found")

@@ -14,7 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nbp.checkpoint import save_checkpoint
 from nbp.errors import NbpError
+from nbp.generator.released import convert_released, load_allowlisted, tokenizer_state
+from nbp.tokenizer import PRESETS, tokenizer_checkpoint
+from nbp.tokenizer.released import model_from_released_state
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,10 +46,6 @@ def kind_of(obj) -> str:
 
 def import_tokenizer_state(state: dict, dst: Path, preset: str | None, source: str) -> int:
     """Write ``dst`` from a released state dict; returns the tokenizer's base width."""
-    from nbp.checkpoint import save_checkpoint
-    from nbp.tokenizer import PRESETS, tokenizer_checkpoint
-    from nbp.tokenizer.released import model_from_released_state
-
     if preset is not None and preset not in PRESETS:
         raise NbpError(f"--tokenizer-preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     model = model_from_released_state(state, config=PRESETS[preset] if preset else None, source=source)
@@ -54,9 +54,6 @@ def import_tokenizer_state(state: dict, dst: Path, preset: str | None, source: s
 
 
 def main(args: argparse.Namespace) -> int:
-    from nbp.checkpoint import save_checkpoint
-    from nbp.generator.released import convert_released, load_allowlisted, tokenizer_state
-
     src, dst = Path(args.src), Path(args.dst)
     obj = load_allowlisted(src)
     kind = kind_of(obj)

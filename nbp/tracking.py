@@ -48,23 +48,22 @@ class Tracker:
         if self.run is not None:
             self.run.log(data, step=step)
 
-    def video(self, array, fps: int = 8, caption: str | None = None):
-        """A W&B video from a uint8 array [T, C, H, W] (or None when tracking is off).
+    def media_path(self, suffix: str = ".mp4") -> str | None:
+        """A new file name under the run's folder for a video the caller encodes (None when tracking is off).
 
-        The frames are encoded here with PyAV into an mp4 under the run's folder and handed to W&B as a file:
-        W&B's own encoder for raw arrays needs moviepy, which is not a dependency.
-        """
+        Callers write the mp4 themselves (e.g. with :func:`nbp.data.video_io.write_video`) and pass it to :meth:`video`:
+        W&B's own encoder for raw arrays needs moviepy, which is not a dependency."""
         if self.run is None:
             return None
-        import numpy as np
-
-        from nbp.data.video_io import write_video
-
         self._videos += 1
-        path = os.path.join(self.run.dir, "nbp_media", f"video_{self._videos:05d}.mp4")
+        path = os.path.join(self.run.dir, "nbp_media", f"video_{self._videos:05d}{suffix}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        frames = np.ascontiguousarray(np.asarray(array, dtype=np.uint8).transpose(0, 2, 3, 1))  # [T, H, W, C]
-        write_video(path, frames, fps=fps)
+        return path
+
+    def video(self, path: str | None, caption: str | None = None):
+        """A W&B video of an encoded file (None when tracking is off)."""
+        if self.run is None or path is None:
+            return None
         return self._wandb.Video(path, caption=caption, format="mp4")
 
     def finish(self) -> None:

@@ -103,7 +103,8 @@ def _family_edges(ds: str, tok: str, gens: list[str]) -> set[tuple[str, str]]:
     the shards and is scored with its tokenizer against the reference; every evaluation feeds the tables."""
     want = {
         (f"download@{ds}", f"prepare@{ds}"), (f"prepare@{ds}", f"real_stats@{ds}"), ("fetch_detector", f"real_stats@{ds}"),
-        (f"prepare@{ds}", f"train_tokenizer@{tok}"), (f"train_tokenizer@{tok}", f"eval_tokenizer@{tok}"),
+        (f"prepare@{ds}", f"train_tokenizer@{tok}"), ("fetch_detector", f"train_tokenizer@{tok}"),  # I3D perceptual loss
+        (f"train_tokenizer@{tok}", f"eval_tokenizer@{tok}"),
         (f"prepare@{ds}", f"eval_tokenizer@{tok}"), ("fetch_detector", f"eval_tokenizer@{tok}"),
         (f"train_tokenizer@{tok}", f"tokenize@{tok}"), (f"prepare@{ds}", f"tokenize@{tok}"), (f"eval_tokenizer@{tok}", "tables"),
     }
@@ -111,6 +112,7 @@ def _family_edges(ds: str, tok: str, gens: list[str]) -> set[tuple[str, str]]:
         want |= {(f"tokenize@{tok}", f"train_generator@{g}"), (f"train_generator@{g}", f"eval_generator@{g}"),
                  (f"tokenize@{tok}", f"eval_generator@{g}"), (f"train_tokenizer@{tok}", f"eval_generator@{g}"),
                  (f"real_stats@{ds}", f"eval_generator@{g}"), ("fetch_detector", f"eval_generator@{g}"),
+                 (f"prepare@{ds}", f"eval_generator@{g}"),  # labels / context frames of the reference split
                  (f"eval_generator@{g}", "tables")}
     return want
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nbp.data.video_io import write_video
 from nbp.tracking import Tracker, progress
 
 
@@ -64,7 +65,9 @@ def test_offline_run_logs_scalars_and_a_video_and_resumes_the_same_run(tmp_path,
     assert t.run is not None and t.run_id
     clip = np.zeros((5, 3, 16, 16), dtype=np.uint8)  # [T, C, H, W]
     clip[:, 0, 4:12, 4:12] = 200
-    t.log({"train/loss": 0.5, "train/reconstruction": t.video(clip, fps=4)}, step=1)
+    path = t.media_path()
+    write_video(path, np.ascontiguousarray(clip.transpose(0, 2, 3, 1)), fps=4)  # [T, H, W, C]
+    t.log({"train/loss": 0.5, "train/reconstruction": t.video(path)}, step=1)
     run_dir, run_id = t.run.dir, t.run_id
     t.finish()
     encoded = glob.glob(os.path.join(run_dir, "nbp_media", "*.mp4"))
@@ -86,7 +89,7 @@ def test_offline_run_logs_scalars_and_a_video_and_resumes_the_same_run(tmp_path,
 def test_tracking_off_for_other_ranks_and_when_disabled(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     t = Tracker(project="p", name="n", config={}, mode="offline")
-    assert t.run is None and t.run_id is None and t.video(np.zeros((1, 3, 2, 2), np.uint8)) is None
+    assert t.run is None and t.run_id is None and t.media_path() is None and t.video(None) is None
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert Tracker(project="p", name="n", config={}, rank=1).run is None
     monkeypatch.setenv("RANK", "1")

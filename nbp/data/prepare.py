@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nbp import dag
 from nbp.data.clips import MANIFEST_COLUMNS
 from nbp.data.datasets import SUBSETS, VideoRecord, open_dataset
 from nbp.data.video_io import EmptyVideoError, VideoError, VideoTooShortError, probe, read_clip

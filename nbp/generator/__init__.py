@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbp.errors import NbpError
+
 if TYPE_CHECKING:  # imports stay lazy: `import nbp.generator` must not pull torch-heavy modules
     from nbp.generator.layout import TaskLayout
     from nbp.generator.model import GPT
@@ -42,7 +44,6 @@ class LoadedGenerator:
 
 def generator_from_checkpoint(ckpt: dict, device="cpu", source: str = "generator checkpoint") -> LoadedGenerator:
     """Build a LoadedGenerator from an ``nbp-generator`` checkpoint dict (``source`` names it in errors)."""
-    from nbp.errors import NbpError
     from nbp.generator.layout import TaskLayout
     from nbp.generator.model import GPT, GPTConfig
 
@@ -67,12 +68,8 @@ def load_generator(path: str | Path, device="cpu") -> LoadedGenerator:
 
     path = Path(path)
     if path.suffix == ".ckpt":
-        try:
-            from nbp.generator.released import load_released_generator
-        except ImportError as e:
-            from nbp.errors import NotBuiltError
+        from nbp.generator.released import load_released_generator  # it imports this package
 
-            raise NotBuiltError(f"{path}: released checkpoints need nbp.generator.released ({e})") from None
         return load_released_generator(path, device=device)
     return generator_from_checkpoint(load_checkpoint(path, map_location="cpu", expect=FORMAT), device, source=str(path))
 

@@ -27,6 +27,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,6 +161,33 @@ def write_grid(out: Path, videos: np.ndarray, fps: float, ncols: int,
     write_gif(out / names[1], grid, fps=fps)
 
 
+def load_pair(cfg: Config, generator: str, gen_path: Path, tok_path: Path, device) -> tuple[LoadedGenerator, Any]:
+    """The generator and the tokenizer it was trained on, checked against each other (vocabulary, latent grid)."""
+    gen = load_generator(gen_path, device)
+    tok = load_tokenizer(tok_path, device)
+    if tok.vocab_size != gen.task.video_vocab:
+        raise NbpError(f"{gen_path}: generator codes ({gen.task.video_vocab}) do not match {tok_path} ({tok.vocab_size})")
+    clip = cfg.prepare[cfg.train_tokenizer[dag.gen_tokenizer(cfg, generator)].dataset]
+    tok_grid = tuple(tok.latent_grid(clip.frames, clip.resolution, clip.resolution))
+    if tok_grid != tuple(gen.task.layout.grid):
+        raise NbpError(f"{gen_path}: blocks laid out on a latent grid {list(gen.task.layout.grid)}, but {tok_path} makes "
+                       f"{list(tok_grid)} from {clip.frames}x{clip.resolution}x{clip.resolution} clips")
+    return gen, tok
+
+
+def conditions(task, cache: ClipCache, num: int, seed: int, stats_path: Path):
+    """-> (class labels [num] or None, context clips or None): what the ``num`` videos are conditioned on."""
+    labels = context = None
+    if task.task in ("class", "hybrid"):
+        labels = draw_labels(cache.labels, num, seed)
+        if labels.max() >= task.num_classes:
+            raise NbpError(f"{stats_path}: real labels go up to {labels.max()}, the generator knows {task.num_classes} classes")
+    elif task.task == "frame_pred":
+        index = np.resize(fvd.choose_clips(cache.video_ids, num, seed), num)  # repeats when the split is smaller
+        context = LazyClips(cache, index)  # read per batch: 50,000 K600 clips do not fit in memory
+    return labels, context
+
+
 def run_eval_generator(cfg: Config, name: str, paths: dag.StagePaths | None = None) -> Path:
     """Evaluate one ``eval_generator`` entry -> ``{run.out}/eval_generator/{name}/``."""
     paths = paths or dag.resolve(cfg, "eval_generator", name)
@@ -169,15 +197,7 @@ def run_eval_generator(cfg: Config, name: str, paths: dag.StagePaths | None = No
     torch.manual_seed(cfg.run.seed)
 
     gen_path, tok_path = paths.need("generator"), paths.need("tokenizer")
-    gen = load_generator(gen_path, device)
-    tok = load_tokenizer(tok_path, device)
-    if tok.vocab_size != gen.task.video_vocab:
-        raise NbpError(f"{gen_path}: generator codes ({gen.task.video_vocab}) do not match {tok_path} ({tok.vocab_size})")
-    clip = cfg.prepare[cfg.train_tokenizer[dag.gen_tokenizer(cfg, ec.generator)].dataset]
-    tok_grid = tuple(tok.latent_grid(clip.frames, clip.resolution, clip.resolution))
-    if tok_grid != tuple(gen.task.layout.grid):
-        raise NbpError(f"{gen_path}: blocks laid out on a latent grid {list(gen.task.layout.grid)}, but {tok_path} makes "
-                       f"{list(tok_grid)} from {clip.frames}x{clip.resolution}x{clip.resolution} clips")
+    gen, tok = load_pair(cfg, ec.generator, gen_path, tok_path, device)
     stats_path = paths.need("real_stats") / "stats.npz"
     mu_real, sigma_real = fvd.load_stats(stats_path)
     i3d = fvd.get_i3d(paths.need("detector"), device)
@@ -185,14 +205,7 @@ def run_eval_generator(cfg: Config, name: str, paths: dag.StagePaths | None = No
     task = gen.task
     cache = ClipCache(paths.need("clips"), rs.split)
     num = ec.num_videos
-    labels = context = None
-    if task.task in ("class", "hybrid"):
-        labels = draw_labels(cache.labels, num, cfg.run.seed)
-        if labels.max() >= task.num_classes:
-            raise NbpError(f"{stats_path}: real labels go up to {labels.max()}, the generator knows {task.num_classes} classes")
-    elif task.task == "frame_pred":
-        index = np.resize(fvd.choose_clips(cache.video_ids, num, cfg.run.seed), num)  # repeats when the split is smaller
-        context = LazyClips(cache, index)  # read per batch: 50,000 K600 clips do not fit in memory
+    labels, context = conditions(task, cache, num, cfg.run.seed, stats_path)
     sampling = dict(temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p, cfg=ec.cfg or None, cfg_schedule=ec.cfg_schedule)
     tf = tok.config.temporal_factor
     timer = Timer(device)

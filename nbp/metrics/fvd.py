@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nbp.errors import NbpError
+from nbp.io import atomic_path
+from nbp.metrics.i3d import find_weights, load_i3d
 from nbp.tracking import progress
 
 I3D_SIZE = 224
@@ -88,8 +90,6 @@ _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 def get_i3d(weights: str | Path | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The I3D, loaded once per (weights, device) in this process."""
-    from nbp.metrics.i3d import find_weights, load_i3d
-
     path = Path(weights) if weights is not None else find_weights()
     key = (str(path.resolve()), str(torch.device(device)))
     if key not in _MODELS:
@@ -264,8 +264,6 @@ def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
 
 def save_stats(path: str | Path, feats: Any, **meta: Any) -> None:
     """``stats.npz`` with ``mu``, ``sigma``, ``n`` (+ protocol keys such as frames, resolution), written atomically."""
-    from nbp.io import atomic_path
-
     mu, sigma = feature_stats(feats)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma, n=np.int64(len(np.asarray(feats))), **{k: np.asarray(v) for k, v in meta.items()})

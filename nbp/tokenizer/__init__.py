@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from nbp.checkpoint import read_torch_file
+from nbp.checkpoint import load_checkpoint, read_torch_file
 from nbp.errors import NbpError
 from nbp.tokenizer.model import PRESETS, TokenizerConfig, VideoTokenizer, preset
 
@@ -35,8 +35,6 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", source
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VideoTokenizer:
     """Load our ``tokenizer.pt`` (format ``nbp-tokenizer``) in eval mode."""
-    from nbp.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(path, map_location="cpu", expect=FORMAT)
     return model_from_checkpoint(ckpt, device, source=str(path))
 
@@ -47,7 +45,7 @@ def load_magvit2(path: str | Path, resolution: int = 128, device: str | torch.de
     ``tok.encode(video, quantize=True) -> (quant, codes [B, T', H', W'])``; ``tok.decode_from_code_indices(codes)``.
     The network is fully convolutional; ``resolution`` is checked against its spatial factor.
     """
-    from nbp.tokenizer.released import is_released_checkpoint, model_from_released_state
+    from nbp.tokenizer.released import is_released_checkpoint, model_from_released_state  # it imports this package
 
     path = Path(path)
     obj = read_torch_file(path, "tokenizer file")

@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nbp.errors import NbpError
+from nbp.metrics.i3d import load_i3d
+from nbp.metrics.image import load_lpips
 
 
 def recon_loss(x: torch.Tensor, y: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -64,8 +66,6 @@ class I3DPerceptual(nn.Module):
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu"):
         super().__init__()
-        from nbp.metrics.i3d import load_i3d
-
         self.i3d = load_i3d(weights, device=device)
         self.i3d.requires_grad_(False)
 
@@ -99,8 +99,6 @@ class LPIPSPerceptual(nn.Module):
 
     def __init__(self, device: str | torch.device = "cpu"):
         super().__init__()
-        from nbp.metrics.image import load_lpips
-
         try:
             self.net = load_lpips(device=device)
         except NbpError as e:

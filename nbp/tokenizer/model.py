@@ -170,8 +170,8 @@ class PixelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.layer_norm on a channels-last copy is ~4x faster on CPU, but its different rounding alone moved the embedded
-        # tokenizer from PSNR 25.30 to 24.28 (1,000 steps): the committed results were made with this form
+        # F.layer_norm on a channels-last copy is faster on CPU but rounds differently, and the embedded tokenizer's
+        # result depends on rounding (measurements: README); the committed results were made with this form
         C = x.shape[1]
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         var, mean = torch.var_mean(xs, dim=1, keepdim=True, correction=0)  # [B, 1, T, H, W]

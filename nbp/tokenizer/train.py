@@ -29,6 +29,7 @@ from nbp import dag
 from nbp.checkpoint import inputs_fingerprint, save_checkpoint
 from nbp.config import Config, ConfigError, TrainTokenizerConfig, to_dict
 from nbp.data.clips import ClipCache
+from nbp.data.video_io import write_video
 from nbp.distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from nbp.errors import NbpError
 from nbp.io import atomic_dir, write_json
@@ -309,8 +310,12 @@ class TokenizerTraining(Training):
         return {"step": state.step, **means, "seconds": round(state.seconds, 3)}
 
     def on_checkpoint(self, step: int) -> None:
-        if self.tracker is not None and self.tracker.run is not None and self.last_batch is not None:
-            self.tracker.log({"train/reconstruction": self.tracker.video(_recon_grid(*self.last_batch), fps=8)}, step=step)
+        """Inputs above reconstructions of the last batch, as a W&B video."""
+        path = self.tracker.media_path() if self.tracker is not None and self.last_batch is not None else None
+        if path is not None:
+            frames = _recon_grid(*self.last_batch).transpose(0, 2, 3, 1)  # [T, 2H, n*W, 3]
+            write_video(path, np.ascontiguousarray(frames), fps=8)
+            self.tracker.log({"train/reconstruction": self.tracker.video(path)}, step=step)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema, "lecam": self.lecam.state_dict(),
