@@ -49,18 +49,15 @@ def _load_impl(spec: str):
     return getattr(mod, func)
 
 
-def _validate(cfg: Config, only: dict[str, list[str]] | None = None) -> None:
-    """Everything knowable before a stage runs (nbp.validate): for ``only`` (a stage's own entries and what they
-    read) or, with ``only=None`` and when DVC runs the command (it sets DVC_STAGE), for the run's whole selection, so
-    that `dvc repro` stops at its first stage, not after hours of training. Snakemake checks the whole selection
-    when it parses the Snakefile."""
+def _validate(cfg: Config) -> None:
+    """Everything knowable before the run's stages run (nbp.validate), for the run's whole selection: `nbp check`,
+    and every stage command that DVC runs (DVC sets DVC_STAGE), so that `dvc repro` stops at its first stage, not
+    after hours of training. Snakemake checks the same when it parses the Snakefile. A stage called by hand runs
+    only its own checks (its params may be fine for it and not for the whole DAG, e.g. clips too short for rFVD)."""
     from nbp import validate  # imports torch: not for `nbp --help`
 
     dag.check_wiring(cfg)
-    if only is None or "DVC_STAGE" in os.environ:
-        validate.check_consistency(cfg)
-    if only:
-        validate.check_consistency(cfg, only)
+    validate.check_consistency(cfg)
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -156,7 +153,8 @@ def run(argv: list[str] | None = None) -> int:
     cfg = load_config(args.params, overrides=_parse_overrides(args.set))
     stage = dag.BY_NAME[args.command]
     entries = _entries(cfg, stage.name, getattr(args, "name", None))
-    _validate(cfg, {stage.family: [e for e in entries if e is not None]} if stage.family else {})
+    if "DVC_STAGE" in os.environ:
+        _validate(cfg)
     fn = _load_impl(stage.impl)
     extra = {}
     for flag, _ in stage.options:
