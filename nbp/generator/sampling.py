@@ -352,6 +352,64 @@ def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache,
     return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last)
 
 
+class StaticDecoder:
+    """Fixed-shape decode steps over one preallocated cache (:meth:`GPT.static_step`), for GPU decoding that
+    is not bound by Python and kernel launches.
+
+    ``mode``: ``"static"`` runs the fixed-shape step eagerly (any device; equals :func:`decode_step`);
+    ``"graph"`` captures it once per input shape in a CUDA graph and replays it (CUDA only); ``"compile"``
+    runs it through ``torch.compile`` (fused kernels), captured in a CUDA graph on CUDA. The step reads its
+    inputs from static buffers: ids are copied in, the position offset is a 0-d device tensor.
+    """
+
+    MODES = ("static", "graph", "compile")
+
+    def __init__(self, model: GPT, cache: KVCache, mode: str = "static"):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown decoder {mode!r} (eager | {' | '.join(self.MODES)})")
+        dev = cache.k.device
+        if mode == "graph" and dev.type != "cuda":
+            raise ValueError("decoder 'graph' needs CUDA (use 'static' elsewhere)")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.limit = min(model.config.n_positions, cache.max_len)
+        self.start = torch.zeros((), dtype=torch.long, device=dev)
+        self.fn = model.static_step
+        if mode == "compile":
+            self.fn = torch.compile(model.static_step, dynamic=False, fullgraph=True)
+        self.capture = dev.type == "cuda" and mode in ("graph", "compile")
+        self.graphs: dict = {}  # (ids shape, last) -> (ids buffer, graph, logits buffer)
+
+    def __call__(self, ids: torch.Tensor, start: int, last: int | None = None) -> torch.Tensor:
+        """ids [B, L] at positions start..start+L-1 -> logits [B, last or L, V] (a buffer reused by the next call)."""
+        if start + ids.shape[1] > self.limit:
+            raise ValueError(f"positions up to {start + ids.shape[1] - 1} exceed the {self.limit} slots")
+        self.start.fill_(start)
+        if not self.capture:
+            return self.fn(ids, self.start, self.cache, last)
+        key = (tuple(ids.shape), last)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(ids, last)
+        buf, graph, out = self.graphs[key]
+        buf.copy_(ids)
+        graph.replay()
+        return out
+
+    def _capture(self, ids: torch.Tensor, last: int | None):
+        """Warm up on a side stream (compilation, library workspaces), then record one step. Warm-up and
+        capture write this step's own keys/values into the cache, which the replay writes again."""
+        buf = ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(buf, self.start, self.cache, last)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(buf, self.start, self.cache, last)
+        return buf, graph, out
+
+
 # --------------------------------------------------------------------------------------
 # generation
 
@@ -360,12 +418,14 @@ def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache,
 def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
              greedy: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              cfg: float | None = None, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
-             show_progress: bool = False, on_step=None) -> torch.Tensor:
+             show_progress: bool = False, on_step=None, decoder: str = "eager") -> torch.Tensor:
     """User-layout prefix [B, P] (condition, start ids, optionally the first video ids) -> prefix + new ids.
 
     ``max_new_tokens`` defaults to the rest of the video. For the hybrid layout the middle-bos ids are
     inserted and removed here: the result holds only condition, bov and video ids. ``on_step(step)`` is
-    called before each forward pass (for counting and timing).
+    called before each forward pass (for counting and timing). ``decoder``: ``"eager"`` (default) or a
+    :class:`StaticDecoder` mode (``"static"``, ``"graph"``, ``"compile"``) for the decode steps that feed a
+    whole block past the condition; the prefill and other steps stay eager. Greedy output is the same.
     """
     prefix_ids = prefix_ids.long()
     Bsz, dev = prefix_ids.shape[0], prefix_ids.device
@@ -384,6 +444,7 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
     ids = to_model_layout(task, prefix_ids)
     total = ids.shape[1] + num_new + (len(p.insert) if done < p.insert_after <= done + num_new else 0)
     cache = KVCache.for_model(model, rows, max_len=total)
+    static = None if decoder == "eager" else StaticDecoder(model, cache, decoder)
     lo, hi = task.video_offset, task.video_offset + task.video_vocab
     out, pos, made = [ids], 0, done
     feed = ids
@@ -393,8 +454,13 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
             on_step(s)
         x = feed.repeat(2, 1) if guided else feed  # [rows, n]
         n = p.groups[s]  # the last n fed positions predict the next group
-        logits = (prefill(model, task, x, cache, uncond, last=n) if s == 0 else
-                  decode_step(model, task, x, cache, pos, uncond, last=n))[..., lo:hi]  # [rows, n, V_video]
+        if s == 0:
+            logits = prefill(model, task, x, cache, uncond, last=n)
+        elif static is not None and pos >= task.cond_len and step_mask(task, pos, x.shape[1]) is None:
+            logits = static(x, pos, last=n)
+        else:
+            logits = decode_step(model, task, x, cache, pos, uncond, last=n)
+        logits = logits[..., lo:hi]  # [rows, n, V_video]
         pos += feed.shape[1]
         if guided:
             logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
