@@ -162,38 +162,34 @@ FILTERS = [dict(top_k=100, top_p=0.9), dict(top_k=100), dict(top_p=0.8), dict(to
 
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
-@pytest.mark.parametrize("k", [1, 37, 100, 399, 400])
-def test_kth_threshold_selects_the_reference_top_k_set(kind, k):
-    from nbp.generator.sampling import kth_threshold
-
-    x = _logits(kind)
-    t, ok = kth_threshold(x, k)
+@pytest.mark.parametrize("k", [1, 37, 100, 399])
+def test_unsorted_topk_selects_the_reference_top_k_set(kind, k):
+    """The sort-free sampler's top-k set (torch.topk, sorted=False) is the reference's, ties included."""
+    x = _logits(kind, V=4000 if kind == "ties" else 400)
     ref = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, torch.topk(x, k, -1).indices, True)
-    kth = torch.topk(x, k, -1).values[:, -1]
-    straddle = (x >= kth[:, None]).sum(-1) > k  # ties across the k-th place: the reference's pick is arbitrary
-    assert torch.equal(ok, ~straddle)
-    assert torch.equal((x >= t)[ok], ref[ok])
-    if kind != "ties":
-        assert ok.all()
+    got = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, torch.topk(x, k, -1, sorted=False).indices, True)
+    assert torch.equal(got, ref)
+    if kind == "ties":
+        kth = torch.topk(x, k, -1).values[:, -1:]
+        assert ((x >= kth).sum(-1) > k).any()  # the case exercises ties across the k-th place
 
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
 @pytest.mark.parametrize("top_p", [0.3, 0.8, 0.9, 0.99])
 def test_nucleus_test_agrees_with_the_reference_for_every_id(kind, top_p):
-    from nbp.generator.sampling import kth_threshold, nucleus_test
+    from nbp.generator.sampling import nucleus_test
 
     x = _logits(kind, R=4)
     k = 150
-    t, ok = kth_threshold(x, k)
+    vals, idx = torch.topk(x, k, -1, sorted=False)  # [R, k] as the sampler sees them
     kept = torch.isfinite(filter_logits(x, top_k=k, top_p=top_p))
-    w = torch.softmax(x, -1)
-    z = (w * (x >= t)).sum(-1, keepdim=True).double()
+    w = torch.softmax(vals, -1)
+    z = w.double().sum(-1, keepdim=True)
     unsure_total = 0
-    for r in ok.nonzero().squeeze(-1).tolist():
-        ids = (x[r] >= t[r]).nonzero()  # [k, 1]: every id of the top-k set
-        n = ids.shape[0]
-        keep, unsure = nucleus_test(x[r].expand(n, -1), w[r].expand(n, -1), z[r].expand(n, 1), ids, top_p)
-        ref = kept[r, ids[:, 0]]
+    ids = torch.arange(k)[:, None]  # [k, 1]: every candidate
+    for r in range(x.shape[0]):
+        keep, unsure = nucleus_test(vals[r].expand(k, -1), w[r].expand(k, -1), z[r].expand(k, 1), ids, top_p)
+        ref = kept[r, idx[r]]
         assert torch.equal(keep, ref & keep)  # a certain keep is kept by the reference
         assert not (ref & ~keep & ~unsure).any()  # a certain drop is dropped by the reference
         unsure_total += int(unsure.sum())

@@ -28,7 +28,6 @@ Sampling choices (and where they differ from the released sampler):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -69,61 +68,6 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.full_like(logits, float("-inf"), dtype=vals.dtype).scatter_(-1, idx, vals)
 
 
-def _count_ge(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Per row of x [R, V]: how many values are >= t [R, 1] -> [R] (float; exact below 2**24). Float ops only:
-    sign(x - t) + 1 clipped at 1 is 1 where x >= t (x - t is 0 only when x == t), which runs ~3x faster on CPU
-    than a bool comparison."""
-    return (x - t).sign_().add_(1).clamp_max_(1).sum(-1)
-
-
-def kth_threshold(x: torch.Tensor, k: int, max_iters: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of x [R, V] a threshold t [R, 1] with exactly ``k`` values >= t, found without sorting: a
-    bracket from a sorted strided sample, then interpolation steps on the count (bisection every fourth step).
-
-    Returns (t, ok [R] bool). ``ok`` is False where no such t exists (ties straddle the k-th place, where the
-    reference top-k keeps an implementation-chosen subset of the tied ids) or the search did not converge.
-    """
-    R, V = x.shape
-    k_ = float(k)
-    lo = x.amin(-1, keepdim=True)  # [R, 1]: count V >= k
-    hi = torch.nextafter(x.amax(-1, keepdim=True), torch.tensor(float("inf")))  # count 0 < k
-    c_lo = torch.full((R, 1), float(V))
-    c_hi = torch.zeros(R, 1)
-    ok = torch.zeros(R, 1, dtype=torch.bool)
-    t = lo.clone()
-    if k >= V:
-        return t, ok.fill_(True).squeeze(-1)
-    stride = max(1, V // 512)
-    s = x[:, ::stride].sort(-1).values  # [R, n] ascending, a sample of the row
-    n = s.shape[1]
-    j = n - k_ * n / V  # where the k-th largest falls in the sample
-    m = 3.0 * math.sqrt(n * (k_ / V) * (1 - k_ / V)) + 2
-    for q in (s[:, max(0, int(j - m)):][:, :1], s[:, min(n - 1, int(j + m)):][:, :1]):  # two probes [R, 1]
-        c = _count_ge(x, q)[:, None]
-        ok |= c == k_
-        t = torch.where(c == k_, q, t)
-        up = (c > k_) & (q > lo)
-        down = (c < k_) & (q < hi)
-        lo, c_lo = torch.where(up, q, lo), torch.where(up, c, c_lo)
-        hi, c_hi = torch.where(down, q, hi), torch.where(down, c, c_hi)
-    for it in range(max_iters):
-        done = ok | (torch.nextafter(lo, hi) >= hi)  # found, or no float left strictly inside the bracket
-        if bool(done.all()):
-            break
-        # aim at the middle of the gap between the (k+1)-th and k-th values; bisect every fourth step
-        f = ((c_lo - k_ - 0.5) / (c_lo - c_hi)).clamp(1e-3, 1 - 1e-3) if it % 4 != 3 else torch.full_like(lo, 0.5)
-        q = torch.maximum(torch.minimum(lo + f * (hi - lo), torch.nextafter(hi, lo)), torch.nextafter(lo, hi))
-        c = _count_ge(x, q)[:, None]
-        hit = ~done & (c == k_)
-        ok |= hit
-        t = torch.where(hit, q, t)
-        up = ~done & (c > k_)
-        down = ~done & (c < k_)
-        lo, c_lo = torch.where(up, q, lo), torch.where(up, c, c_lo)
-        hi, c_hi = torch.where(down, q, hi), torch.where(down, c, c_hi)
-    return t, ok.squeeze(-1)
-
-
 TOP_P_MARGIN = 1e-5  # |mass before - top_p| below this: decided by the reference filter (float rounding)
 
 
@@ -134,8 +78,8 @@ def _reference_kept(x: torch.Tensor, top_k: int | None, top_p: float | None) -> 
 
 def nucleus_test(x: torch.Tensor, w: torch.Tensor, z: torch.Tensor, i: torch.Tensor,
                  top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Is id i [n, 1] of each row of x [n, V] (softmax w [n, V], top-k mass z [n, 1]; i in the top-k set) in
-    the top-p nucleus? -> (keep [n], unsure [n]) bool.
+    """Is candidate i [n, 1] of each row of the top-k logits x [n, k] (any order; their softmax w, total z
+    [n, 1]) in the top-p nucleus? -> (keep [n], unsure [n]) bool.
 
     The reference keeps the candidate of sorted rank r when the mass of ranks < r, over z, is <= top_p; the
     ids ranked before i are those with larger logits, plus some of the ids tied with it (their order comes
@@ -158,53 +102,49 @@ def nucleus_test(x: torch.Tensor, w: torch.Tensor, z: torch.Tensor, i: torch.Ten
 def _draw_filtered(x: torch.Tensor, top_k: int | None, top_p: float | None,
                    generator: torch.Generator | None, max_rounds: int = 64) -> torch.Tensor:
     """One id per row of temperature-scaled logits x [R, V], distributed as softmax over the kept set of
-    :func:`filter_logits`, without sorting: rejection sampling.
+    :func:`filter_logits`, without sorting the candidates: rejection sampling.
 
-    The proposal is softmax(x) restricted to the top-k set ({x >= t}, :func:`kth_threshold`), drawn by
-    inverting its cumulative sum (float64) with one uniform per row. A draw i is accepted when it is in the
-    top-p nucleus: the mass of the ids above it, over the mass of the top-k set, is <= top_p (ties and draws
-    within ``TOP_P_MARGIN`` of top_p ask the reference filter of that row). Accepted draws follow the
-    proposal restricted to the kept set, i.e. exactly the filtered softmax; the acceptance rate is the kept
-    share of the top-k mass, >= top_p. Rows whose top-k set is ambiguous (ties at the k-th place) are drawn
-    by the reference sampler.
+    The top-k set comes from ``torch.topk(sorted=False)``: the same selection as the reference's sorted
+    top-k (ties included), without its sort of the k survivors. The proposal is the softmax over the
+    survivors, drawn by inverting its cumulative sum (float64, survivors in topk's order) with one uniform
+    per row. A draw is accepted when it is in the top-p nucleus (:func:`nucleus_test`; ties across the
+    threshold and masses within ``TOP_P_MARGIN`` of it ask the reference filter of that row). Accepted draws
+    follow the proposal restricted to the kept set, i.e. exactly the filtered softmax; the acceptance rate is
+    the kept share of the top-k mass, > top_p, so about 1.1 rounds at top_p 0.9.
     """
     R, V = x.shape
-    w = torch.softmax(x, dim=-1)  # [R, V]
-    ok = torch.ones(R, dtype=torch.bool)
-    k = V if top_k is None else top_k
-    if k < V:
-        t, ok = kth_threshold(x, k)
-        w_k = (x - t).sign_().add_(1).clamp_max_(1).mul_(w)  # [R, V] weights of the top-k ids, 0 elsewhere
+    if top_k is not None and top_k < V:
+        vals, idx = torch.topk(x, top_k, dim=-1, sorted=False)  # [R, k] the top-k set, unsorted
     else:
-        w_k = w
-    cum = w_k.double().cumsum(-1)  # [R, V]
-    z_k = cum[:, -1:]  # [R, 1] mass of the top-k set
+        vals, idx = x, None
+    w = torch.softmax(vals, dim=-1)  # [R, k]
+    cum = w.double().cumsum(-1)  # [R, k]
+    z = cum[:, -1:]  # [R, 1] (1 up to rounding)
+    K = vals.shape[-1]
     out = torch.empty(R, dtype=torch.long)
     nucleus = top_p is not None and top_p < 1.0
     kept_ref: dict[int, torch.Tensor] = {}
     todo = torch.arange(R)
-    if not bool(ok.all()):
-        bad = (~ok).nonzero().squeeze(-1)
-        out[bad] = _reference_sample(x[bad], top_k, top_p, generator)
-        todo = ok.nonzero().squeeze(-1)
     for _ in range(max_rounds):
         if not todo.numel():
             break
         full = todo.numel() == R
-        xs, ws, cs, zs = (x, w, cum, z_k) if full else (x[todo], w[todo], cum[todo], z_k[todo])
+        vs, ws, cs, zs = (vals, w, cum, z) if full else (vals[todo], w[todo], cum[todo], z[todo])
         u = torch.rand(todo.numel(), 1, dtype=torch.float64, generator=generator) * zs  # [n, 1]
-        i = torch.searchsorted(cs, u, right=True)  # [n, 1] first id whose cumulative mass exceeds u
-        accept = i[:, 0] < V
-        i = i.clamp_max(V - 1)
+        i = torch.searchsorted(cs, u, right=True)  # [n, 1] first survivor whose cumulative mass exceeds u
+        accept = i[:, 0] < K
+        i = i.clamp_max(K - 1)
         if nucleus:
-            keep, unsure = nucleus_test(xs, ws, zs, i, top_p)
+            keep, unsure = nucleus_test(vs, ws, zs, i, top_p)
             for r in unsure.nonzero().squeeze(-1).tolist():  # rare: ask the reference filter
                 row = int(todo[r])
                 if row not in kept_ref:
                     kept_ref[row] = _reference_kept(x[row:row + 1], top_k, top_p)[0]
-                keep[r] = kept_ref[row][i[r, 0]]
+                vocab_id = i[r, 0] if idx is None else idx[row, i[r, 0]]
+                keep[r] = kept_ref[row][vocab_id]
             accept &= keep
-        out[todo[accept]] = i[accept, 0]
+        ids = i if idx is None else (idx if full else idx[todo]).gather(-1, i)  # [n, 1] vocabulary ids
+        out[todo[accept]] = ids[accept, 0]
         todo = todo[~accept]
     if todo.numel():  # rejected max_rounds times (a tiny nucleus): the reference draw, still exact
         out[todo] = _reference_sample(x[todo], top_k, top_p, generator)
@@ -224,8 +164,8 @@ def sample_logits(logits: torch.Tensor, *, greedy: bool = False, temperature: fl
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of logits [..., V] -> [...] (argmax when greedy, else a draw from the filtered softmax).
 
-    CPU: :func:`_draw_filtered` (no sort; same distribution as the reference draw, not the same draws for a
-    seed). Other devices, and ``top_k`` <= 0, use the reference draw over the sorted candidates.
+    CPU: :func:`_draw_filtered` (no sort of the candidates; the reference draw's distribution, not its draws
+    for a seed). Other devices, and ``top_k`` <= 0, use the reference draw over the sorted candidates.
     """
     if greedy:
         return logits.argmax(dim=-1)
