@@ -233,3 +233,14 @@ def test_compiled_static_decoder_greedy_equals_eager_on_cpu():
     prompt = _prompt(task)
     eager = S.generate(model, task, prompt, greedy=True)
     assert torch.equal(S.generate(model, task, prompt, greedy=True, decoder="compile"), eager)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "nbp_2x2x2_tail", "ntp", "frame_1x4x4"])
+def test_step_mask_shortcut_equals_the_tensor_mask(mode):
+    task = _task(**MODES[mode])
+    L = task.seq_len
+    bid = task.block_ids(L).tolist()
+    for start in range(1, L):
+        for length in range(1, min(L - start, 2 * task.block_size) + 1):
+            a, b = S.step_mask(task, start, length), S.step_mask(task, start, length, bid=bid)
+            assert (a is None and b is None) or torch.equal(a, b), (start, length)

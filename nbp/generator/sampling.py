@@ -270,8 +270,14 @@ def layout_logits(model: GPT, task: TaskLayout, ids: torch.Tensor) -> torch.Tens
     return model(ids, task.dense_mask(ids.shape[1], device=ids.device))
 
 
-def step_mask(task: TaskLayout, start: int, length: int, device=None) -> torch.Tensor | None:
-    """Mask rows [length, start+length] of a cached step, or None when they see everything (a whole block)."""
+def step_mask(task: TaskLayout, start: int, length: int, device=None, bid: list[int] | None = None) -> torch.Tensor | None:
+    """Mask rows [length, start+length] of a cached step, or None when they see everything (a whole block).
+
+    ``bid``: the task's block ids of the whole sequence as a list (generation computes it once), which
+    answers the common case without tensor work: block ids never decrease, so every row sees every key
+    exactly when the first and last fed positions share a block."""
+    if bid is not None and bid[start] == bid[start + length - 1]:
+        return None
     bid = task.block_ids(start + length)
     rows = bid[None, :] <= bid[start:, None]  # [length, start+length]
     return None if bool(rows.all()) else rows.to(device)
@@ -285,10 +291,10 @@ def prefill(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, unc
 
 
 def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, start: int,
-                uncond: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+                uncond: torch.Tensor | None = None, last: int | None = None, bid: list[int] | None = None) -> torch.Tensor:
     """Feed ids [B, n] at positions start..start+n-1: they attend to the cache and to each other -> logits [B, n, V]
-    (or of the ``last`` positions only)."""
-    mask = step_mask(task, start, ids.shape[1], ids.device)
+    (or of the ``last`` positions only). ``bid``: see :func:`step_mask`."""
+    mask = step_mask(task, start, ids.shape[1], ids.device, bid)
     return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last)
 
 
@@ -385,6 +391,7 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
     total = ids.shape[1] + num_new + (len(p.insert) if done < p.insert_after <= done + num_new else 0)
     cache = KVCache.for_model(model, rows, max_len=total)
     static = None if decoder == "eager" else StaticDecoder(model, cache, decoder)
+    bid = task.block_ids(total).tolist()  # block id per position, for the per-step mask test
     lo, hi = task.video_offset, task.video_offset + task.video_vocab
     out, pos, made = [ids], 0, done
     feed = ids
@@ -396,10 +403,10 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
         n = p.groups[s]  # the last n fed positions predict the next group
         if s == 0:
             logits = prefill(model, task, x, cache, uncond, last=n)
-        elif static is not None and pos >= task.cond_len and step_mask(task, pos, x.shape[1]) is None:
-            logits = static(x, pos, last=n)
+        elif static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]:
+            logits = static(x, pos, last=n)  # a whole block: no mask inside it
         else:
-            logits = decode_step(model, task, x, cache, pos, uncond, last=n)
+            logits = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid)
         logits = logits[..., lo:hi]  # [rows, n, V_video]
         pos += feed.shape[1]
         if guided:
