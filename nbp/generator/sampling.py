@@ -170,7 +170,10 @@ def sample_logits(logits: torch.Tensor, *, greedy: bool = False, temperature: fl
     if greedy:
         return logits.argmax(dim=-1)
     lead, V = logits.shape[:-1], logits.shape[-1]
-    x = (logits.float() / temperature).reshape(-1, V)  # [R, V]
+    x = logits.float()
+    if temperature != 1.0:  # x / 1.0 is x: skip the pass
+        x = x / temperature
+    x = x.reshape(-1, V)  # [R, V]
     if x.device.type == "cpu" and (top_k is None or top_k > 0) and x.shape[0] > 0:
         return _draw_filtered(x, top_k, top_p, generator).view(lead)
     return _reference_sample(x, top_k, top_p, generator).view(lead)
