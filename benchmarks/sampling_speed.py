@@ -39,6 +39,7 @@ from nbp.generator.model import GPT, GPTConfig, KVCache
 from nbp.io import write_markdown_section
 
 KEY = "sampling_speed"
+LOADS: list[float] = []  # 1-minute load average after each timed generation
 FILTERS = {"greedy": dict(greedy=True), "top-k 16000, top-p 0.9": dict(top_k=16000, top_p=0.9)}
 REFERENCE = "top-k 16000, top-p 0.9, sort-based reference draw"
 
@@ -102,6 +103,7 @@ def bench_generation(model, a, device) -> list[dict]:
         for key, (_, fn) in runs.items():
             with reference_draw() if key[1] == REFERENCE else contextlib.nullcontext():
                 times[key].append(once(fn, device))
+            LOADS.append(os.getloadavg()[0])
     rows = []
     for (mode, fname), (task, _) in runs.items():
         new = task.num_tokens - task.context_len
@@ -188,7 +190,8 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 
 def markdown(gen_rows, step_rows, a, device, cmd, load) -> str:
-    lines = [f"Device: {device_label(device)}; load average (1 min) {load[0]:.2f} before, {load[1]:.2f} after "
+    during = f", {min(LOADS):.2f}-{max(LOADS):.2f} during the generation runs" if LOADS else ""
+    lines = [f"Device: {device_label(device)}; load average (1 min) {load[0]:.2f} before, {load[1]:.2f} after{during} "
              f"(other work on the machine inflates times). Model: {a.n_layer} layers, width {a.n_embd}, {a.n_head} heads, "
              f"vocabulary {a.vocab:,}, random weights (the same for NBP and NTP), batch {a.batch}; grid "
              f"{'x'.join(map(str, a.grid))}, {a.context_frames} latent context frames. Seconds: median (min-max) of "
