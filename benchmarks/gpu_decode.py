@@ -129,7 +129,7 @@ def run(a) -> tuple[list[dict], dict]:
                 with torch.inference_mode(), amp:
                     t_dec, _ = timed(functools.partial(tok.decode_codes, codes), device, a.repeats)
                 busy = t_enc + t_gen + t_dec
-                rows.append({"batch": b, "mode": name, "decoder": dec, "steps": task.steps, "encode_s": t_enc,
+                rows.append({"batch": b, "mode": name, "decoder": dec, "steps": S.count_steps(task), "encode_s": t_enc,
                              "generate_s": t_gen, "decode_s": t_dec, "s_per_video": busy / b,
                              "fps": b * pred_frames / busy, "generate_fps": b * pred_frames / t_gen,
                              "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None})

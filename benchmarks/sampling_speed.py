@@ -108,7 +108,7 @@ def bench_generation(model, a, device) -> list[dict]:
     for (mode, fname), (task, _) in runs.items():
         new = task.num_tokens - task.context_len
         sp = spread(times[(mode, fname)])
-        rows.append({"mode": mode, "block": "x".join(map(str, task.layout.block)), "filter": fname, "steps": task.steps,
+        rows.append({"mode": mode, "block": "x".join(map(str, task.layout.block)), "filter": fname, "steps": S.count_steps(task),
                      **sp, "tokens_per_s": a.batch * new / sp["median"]})
     return rows
 
