@@ -148,3 +148,62 @@ def test_grid_position_code():
     assert d[0, 1] < d[0, 7] and d[0, 8] < d[0, 56] and d[0, 64] < d[0, 256]
     # odd width: the last column of an axis is zero, not an error
     assert grid_position_code(cells[:3], grid, 30).shape == (3, 30)
+
+
+# ---- inference path: fused QKV, static-shape decode step, bf16 ------------------------------------------------
+
+
+def test_fused_qkv_keeps_released_names_and_follows_in_place_writes(tmp_path):
+    t = _task("hybrid")
+    m = _model(t)
+    released = {k: v.clone() for k, v in _model(t, seed=7).state_dict().items()}  # another model's weights
+    m.fuse_qkv()
+    assert set(m.state_dict()) == set(released)  # no fused key is saved
+    m.load_state_dict(released)  # load_state_dict writes in place: the fused weight follows
+    attn = m.blocks[1].attn
+    C = attn.query.weight.shape[1]
+    assert torch.equal(attn.qkv_weight, torch.cat([released[f"blocks.1.attn.{n}.weight"] for n in ("query", "key", "value")]))
+    assert torch.equal(attn.qkv_bias[C:2 * C], released["blocks.1.attn.key.bias"])
+    torch.save(m.state_dict(), tmp_path / "sd.pt")  # saved in the released layout, loadable without fusing
+    plain = _model(t)
+    plain.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, released[k]), k
+    inp, _ = _batch(t)
+    with torch.no_grad():
+        torch.testing.assert_close(m(inp, t.dense_mask()), plain(inp, t.dense_mask()), atol=1e-5, rtol=1e-5)
+    # an optimizer step writes in place too; a dtype move rebuilds the fusion
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(inp, t.dense_mask()).square().mean().backward()
+    opt.step()
+    assert torch.equal(attn.qkv_weight[:C], attn.query.weight)
+    m.double()
+    assert attn.qkv_weight.dtype == torch.float64 and torch.equal(attn.qkv_weight[2 * C:], attn.value.weight)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_static_step_equals_the_sliced_cached_step(fused):
+    t = _task("frame_pred", (1, 1, 4), grid=(4, 4, 4))
+    m = _model(t).double()
+    if fused:
+        m.fuse_qkv()
+    inp, _ = _batch(t)
+    B, P = t.block_size, t.context_len
+    with torch.no_grad():
+        ref_cache = KVCache.for_model(m, 2, max_len=t.seq_len)
+        cache = KVCache.for_model(m, 2, max_len=t.seq_len)
+        m(inp[:, :P], t.dense_mask(P), cache=ref_cache, start=0)
+        m(inp[:, :P], t.dense_mask(P), cache=cache, start=0)
+        for s in range(P, t.seq_len, B):
+            ref = m(inp[:, s:s + B], None, cache=ref_cache, start=s)
+            got = m.static_step(inp[:, s:s + B], torch.tensor(s), cache)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-12, atol=1e-12)
+
+
+def test_prepare_inference_bf16():
+    t = _task("class")
+    m = _model(t).prepare_inference(dtype=torch.bfloat16)
+    assert m.blocks[0].attn.qkv_weight.dtype == torch.bfloat16 and not m.training
+    assert KVCache.for_model(m, 1, max_len=8).k.dtype == torch.bfloat16
+    assert all(v.dtype == torch.bfloat16 for v in m.state_dict().values())

@@ -196,3 +196,54 @@ def test_forward_passes_equal_the_documented_steps(name, spec, steps):
     assert out.shape[1] == prompt.shape[1] + task.num_tokens - task.context_len
     if name == "ucf_hybrid":
         assert calls[:2] == [9, 1] and calls[16] == 16 and set(calls[17:]) == {16}
+
+
+# ---- the fixed-shape decode path (StaticDecoder) gives the eager path's greedy output ------------------------
+
+
+@pytest.mark.parametrize("mode", ["nbp_row", "ntp", "frame_row", "hybrid", "nbp_2x2x2_tail"])
+@pytest.mark.parametrize("variant", ["static", "static_fused", "bf16"])
+def test_static_decoder_greedy_equals_eager(mode, variant):
+    task = _task(**MODES[mode])
+    model = _model(task).float()
+    if variant == "bf16":
+        model.prepare_inference(dtype=torch.bfloat16, fuse_qkv=False)
+    prompt = _prompt(task)
+    eager = S.generate(model, task, prompt, greedy=True)
+    if variant == "static_fused":
+        model.fuse_qkv()
+    steps = []
+    orig = S.StaticDecoder.__call__
+
+    def spy(self, ids, start, last=None):
+        steps.append(start)
+        return orig(self, ids, start, last)
+
+    S.StaticDecoder.__call__ = spy
+    try:
+        static = S.generate(model, task, prompt, greedy=True, decoder="static")
+    finally:
+        S.StaticDecoder.__call__ = orig
+    assert torch.equal(static, eager)
+    assert len(steps) >= S.count_steps(task) - (task.block_size if task.task == "hybrid" else 1)  # it was used
+
+
+@pytest.mark.slow
+def test_compiled_static_decoder_greedy_equals_eager_on_cpu():
+    """torch.compile of the fixed-shape step (inductor's C++ backend on CPU) gives the same greedy video."""
+    task = _task(**MODES["frame_row"])
+    model = _model(task).float().prepare_inference()
+    prompt = _prompt(task)
+    eager = S.generate(model, task, prompt, greedy=True)
+    assert torch.equal(S.generate(model, task, prompt, greedy=True, decoder="compile"), eager)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "nbp_2x2x2_tail", "ntp", "frame_1x4x4"])
+def test_step_mask_shortcut_equals_the_tensor_mask(mode):
+    task = _task(**MODES[mode])
+    L = task.seq_len
+    bid = task.block_ids(L).tolist()
+    for start in range(1, L):
+        for length in range(1, min(L - start, 2 * task.block_size) + 1):
+            a, b = S.step_mask(task, start, length), S.step_mask(task, start, length, bid=bid)
+            assert (a is None and b is None) or torch.equal(a, b), (start, length)

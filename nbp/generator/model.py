@@ -100,6 +100,13 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static-shape update: write k, v [B, nh, L, hs] at positions ``pos`` [L] (a device tensor, no host
+        sync); return the whole cache of the layer [B, nh, max_len, hs] (the caller masks unwritten slots)."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
 
 _compiled_flex = None
 
@@ -132,15 +139,47 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(C, C)
         self.proj = nn.Linear(C, C)
         self.resid_drop = nn.Dropout(config.dropout)
+        self.fused = False  # fuse_qkv(): one [3C, C] projection whose rows are query, key, value
 
-    def forward(self, x, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def fuse_qkv(self) -> None:
+        """Build the fused query/key/value projection (inference). The three Linear weights become views of
+        it, so state-dict names stay the released ones, and ``load_state_dict`` or an optimizer step (both
+        write in place) keep it current; a dtype or device move rebuilds it (``_apply``)."""
+        lins = (self.query, self.key, self.value)
+        w = torch.cat([m.weight.detach() for m in lins])  # [3C, C]
+        b = torch.cat([m.bias.detach() for m in lins])  # [3C]
+        C = w.shape[1]
+        for i, m in enumerate(lins):
+            m.weight.data = w[i * C:(i + 1) * C]
+            m.bias.data = b[i * C:(i + 1) * C]
+        self.qkv_weight, self.qkv_bias, self.fused = w, b, True
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.fused:  # a move gave the three weights new storage: fuse again
+            self.fuse_qkv()
+        return out
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, C] -> q, k, v [B, L, C] (one matmul when fused and no gradient is needed)."""
+        if self.fused and not torch.is_grad_enabled():
+            return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)  # 3 x [B, L, C]
+        return self.query(x), self.key(x), self.value(x)
+
+    def forward(self, x, mask, cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0):
+        """``start`` an int: cache slots [start, start+L) by slicing; a tensor of positions [L]: static
+        write (:meth:`KVCache.write`), attention over the whole cache under ``mask`` [L or 1, max_len]."""
         B, L, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q = self.query(x).view(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
-        k = self.key(x).view(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
-        v = self.value(x).view(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
+        q, k, v = self.qkv(x)
+        q = q.reshape(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
+        k = k.reshape(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
+        v = v.reshape(B, L, nh, hs).transpose(1, 2)  # [B, nh, L, hs]
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # [B, nh, start+L, hs]
+            if isinstance(start, torch.Tensor):
+                k, v = cache.write(layer, start, k, v)  # [B, nh, max_len, hs]
+            else:
+                k, v = cache.update(layer, start, k, v)  # [B, nh, start+L, hs]
         y = attend(q, k, v, mask)  # [B, nh, L, hs]
         y = y.transpose(1, 2).reshape(B, L, C)  # [B, L, C]
         return self.resid_drop(self.proj(y))
@@ -193,6 +232,18 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def fuse_qkv(self) -> GPT:
+        """Fused query/key/value projections in every block (see :meth:`SelfAttention.fuse_qkv`)."""
+        for b in self.blocks:
+            b.attn.fuse_qkv()
+        return self
+
+    def prepare_inference(self, dtype: torch.dtype | None = None, device=None, fuse_qkv: bool = True) -> GPT:
+        """Eval mode, optionally another dtype (e.g. bf16 weights; caches follow the weights) and device,
+        and the fused QKV projection. The state dict keeps the released names and shapes."""
+        self.to(device=device, dtype=dtype).eval()
+        return self.fuse_qkv() if fuse_qkv else self
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.pos_emb.numel() - self.tok_emb.weight.numel()
@@ -220,6 +271,27 @@ class GPT(nn.Module):
         x = self.drop(self.embed(idx, start, uncond))
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i, start)
+        if last is not None:
+            x = x[:, -last:]  # [B, last, C]
+        return self.head(self.ln_f(x))
+
+    def static_step(self, idx: torch.Tensor, start: torch.Tensor, cache: KVCache, last: int | None = None) -> torch.Tensor:
+        """A decode step with fixed shapes (CUDA-graph / ``torch.compile`` friendly): ids [B, L] at positions
+        ``start .. start+L-1`` (``start`` a 0-d long tensor on the model's device), each attending to every
+        cached position before ``start + L`` (a whole block: no mask inside it) -> logits [B, last or L, V].
+
+        Equal to ``forward(idx, None, cache=cache, start=int(start))`` for such a step; positions come by
+        offset (index_select of pos_emb), the cache is written with index_copy_, and attention always spans
+        the preallocated cache, masked by position, so no shape depends on ``start``. The caller checks that
+        the positions fit (``start + L <= min(n_positions, cache.max_len)``) and lie past the condition.
+        """
+        B, L = idx.shape
+        pos = start + torch.arange(L, device=idx.device)  # [L]
+        x = self.tok_emb(idx) + self.pos_emb[0].index_select(0, pos)[None]  # [B, L, C]
+        slots = torch.arange(cache.max_len, device=idx.device)  # [max_len]
+        mask = (slots < start + L)[None]  # [1, max_len]: written slots only
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i, pos)
         if last is not None:
             x = x[:, -last:]  # [B, last, C]
         return self.head(self.ln_f(x))

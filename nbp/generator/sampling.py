@@ -68,15 +68,115 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.full_like(logits, float("-inf"), dtype=vals.dtype).scatter_(-1, idx, vals)
 
 
+TOP_P_MARGIN = 1e-5  # |mass before - top_p| below this: decided by the reference filter (float rounding)
+
+
+def _reference_kept(x: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Kept ids [R, V] (bool) of the reference filter on already temperature-scaled logits x [R, V]."""
+    return torch.isfinite(filter_logits(x, 1.0, top_k, top_p))
+
+
+def nucleus_test(x: torch.Tensor, w: torch.Tensor, z: torch.Tensor, i: torch.Tensor,
+                 top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Is candidate i [n, 1] of each row of the top-k logits x [n, k] (any order; their softmax w, total z
+    [n, 1]) in the top-p nucleus? -> (keep [n], unsure [n]) bool.
+
+    The reference keeps the candidate of sorted rank r when the mass of ranks < r, over z, is <= top_p; the
+    ids ranked before i are those with larger logits, plus some of the ids tied with it (their order comes
+    from the sort). ``keep`` is certain; ``unsure`` marks ties across the threshold and masses within
+    ``TOP_P_MARGIN`` of it, where two float summation orders could decide differently.
+    """
+    V = x.shape[-1]
+    v = x.gather(-1, i)  # [n, 1]
+    sgn = (x - v).sign_()  # [n, V]: 1 above the id, 0 tied with it, -1 below
+    above = sgn.clamp_min(0).mul_(w).sum(-1).double()  # [n] mass of the larger logits
+    tied = V - sgn.abs_().sum(-1)  # [n] ids sharing its logit (>= 1)
+    wi = w.gather(-1, i)[:, 0].double()
+    before_lo = above / z[:, 0]  # mass before the first of the tied ids
+    before_hi = (above + (tied - 1) * wi) / z[:, 0]  # mass before the last of them
+    keep = before_hi <= top_p - TOP_P_MARGIN
+    unsure = ~keep & (before_lo <= top_p + TOP_P_MARGIN)
+    return keep, unsure
+
+
+def _draw_filtered(x: torch.Tensor, top_k: int | None, top_p: float | None,
+                   generator: torch.Generator | None, max_rounds: int = 64) -> torch.Tensor:
+    """One id per row of temperature-scaled logits x [R, V], distributed as softmax over the kept set of
+    :func:`filter_logits`, without sorting the candidates: rejection sampling.
+
+    The top-k set comes from ``torch.topk(sorted=False)``: the same selection as the reference's sorted
+    top-k (ties included), without its sort of the k survivors. The proposal is the softmax over the
+    survivors, drawn by inverting its cumulative sum (float64, survivors in topk's order) with one uniform
+    per row. A draw is accepted when it is in the top-p nucleus (:func:`nucleus_test`; ties across the
+    threshold and masses within ``TOP_P_MARGIN`` of it ask the reference filter of that row). Accepted draws
+    follow the proposal restricted to the kept set, i.e. exactly the filtered softmax; the acceptance rate is
+    the kept share of the top-k mass, > top_p, so about 1.1 rounds at top_p 0.9.
+    """
+    R, V = x.shape
+    if top_k is not None and top_k < V:
+        vals, idx = torch.topk(x, top_k, dim=-1, sorted=False)  # [R, k] the top-k set, unsorted
+    else:
+        vals, idx = x, None
+    w = torch.softmax(vals, dim=-1)  # [R, k]
+    cum = w.double().cumsum(-1)  # [R, k]
+    z = cum[:, -1:]  # [R, 1] (1 up to rounding)
+    K = vals.shape[-1]
+    out = torch.empty(R, dtype=torch.long)
+    nucleus = top_p is not None and top_p < 1.0
+    kept_ref: dict[int, torch.Tensor] = {}
+    todo = torch.arange(R)
+    for _ in range(max_rounds):
+        if not todo.numel():
+            break
+        full = todo.numel() == R
+        vs, ws, cs, zs = (vals, w, cum, z) if full else (vals[todo], w[todo], cum[todo], z[todo])
+        u = torch.rand(todo.numel(), 1, dtype=torch.float64, generator=generator) * zs  # [n, 1]
+        i = torch.searchsorted(cs, u, right=True)  # [n, 1] first survivor whose cumulative mass exceeds u
+        accept = i[:, 0] < K
+        i = i.clamp_max(K - 1)
+        if nucleus:
+            keep, unsure = nucleus_test(vs, ws, zs, i, top_p)
+            for r in unsure.nonzero().squeeze(-1).tolist():  # rare: ask the reference filter
+                row = int(todo[r])
+                if row not in kept_ref:
+                    kept_ref[row] = _reference_kept(x[row:row + 1], top_k, top_p)[0]
+                vocab_id = i[r, 0] if idx is None else idx[row, i[r, 0]]
+                keep[r] = kept_ref[row][vocab_id]
+            accept &= keep
+        ids = i if idx is None else (idx if full else idx[todo]).gather(-1, i)  # [n, 1] vocabulary ids
+        out[todo[accept]] = ids[accept, 0]
+        todo = todo[~accept]
+    if todo.numel():  # rejected max_rounds times (a tiny nucleus): the reference draw, still exact
+        out[todo] = _reference_sample(x[todo], top_k, top_p, generator)
+    return out
+
+
+def _reference_sample(x: torch.Tensor, top_k: int | None, top_p: float | None,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """Draw over the sorted top-k candidates (torch.multinomial): the released sampler's way. x [R, V] -> [R]."""
+    vals, idx = candidates(x, 1.0, top_k, top_p)
+    probs = torch.softmax(vals, dim=-1).reshape(-1, vals.shape[-1])  # [R, k]
+    pick = torch.multinomial(probs, 1, generator=generator).view(vals.shape[:-1])  # [R]
+    return pick if idx is None else idx.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+
 def sample_logits(logits: torch.Tensor, *, greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row of logits [..., V] -> [...] (argmax when greedy, else a draw from the filtered softmax)."""
+    """One id per row of logits [..., V] -> [...] (argmax when greedy, else a draw from the filtered softmax).
+
+    CPU: :func:`_draw_filtered` (no sort of the candidates; the reference draw's distribution, not its draws
+    for a seed). Other devices, and ``top_k`` <= 0, use the reference draw over the sorted candidates.
+    """
     if greedy:
         return logits.argmax(dim=-1)
-    vals, idx = candidates(logits, temperature, top_k, top_p)
-    probs = torch.softmax(vals, dim=-1).reshape(-1, vals.shape[-1])  # [R, k]
-    pick = torch.multinomial(probs, 1, generator=generator).view(vals.shape[:-1])  # [...]
-    return pick if idx is None else idx.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    x = logits.float()
+    if temperature != 1.0:  # x / 1.0 is x: skip the pass
+        x = x / temperature
+    x = x.reshape(-1, V)  # [R, V]
+    if x.device.type == "cpu" and (top_k is None or top_k > 0) and x.shape[0] > 0:
+        return _draw_filtered(x, top_k, top_p, generator).view(lead)
+    return _reference_sample(x, top_k, top_p, generator).view(lead)
 
 
 def cfg_scale(scale: float, step: int, steps: int, schedule: str = "constant") -> float:
@@ -173,8 +273,14 @@ def layout_logits(model: GPT, task: TaskLayout, ids: torch.Tensor) -> torch.Tens
     return model(ids, task.dense_mask(ids.shape[1], device=ids.device))
 
 
-def step_mask(task: TaskLayout, start: int, length: int, device=None) -> torch.Tensor | None:
-    """Mask rows [length, start+length] of a cached step, or None when they see everything (a whole block)."""
+def step_mask(task: TaskLayout, start: int, length: int, device=None, bid: list[int] | None = None) -> torch.Tensor | None:
+    """Mask rows [length, start+length] of a cached step, or None when they see everything (a whole block).
+
+    ``bid``: the task's block ids of the whole sequence as a list (generation computes it once), which
+    answers the common case without tensor work: block ids never decrease, so every row sees every key
+    exactly when the first and last fed positions share a block."""
+    if bid is not None and bid[start] == bid[start + length - 1]:
+        return None
     bid = task.block_ids(start + length)
     rows = bid[None, :] <= bid[start:, None]  # [length, start+length]
     return None if bool(rows.all()) else rows.to(device)
@@ -188,11 +294,69 @@ def prefill(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, unc
 
 
 def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, start: int,
-                uncond: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+                uncond: torch.Tensor | None = None, last: int | None = None, bid: list[int] | None = None) -> torch.Tensor:
     """Feed ids [B, n] at positions start..start+n-1: they attend to the cache and to each other -> logits [B, n, V]
-    (or of the ``last`` positions only)."""
-    mask = step_mask(task, start, ids.shape[1], ids.device)
+    (or of the ``last`` positions only). ``bid``: see :func:`step_mask`."""
+    mask = step_mask(task, start, ids.shape[1], ids.device, bid)
     return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last)
+
+
+class StaticDecoder:
+    """Fixed-shape decode steps over one preallocated cache (:meth:`GPT.static_step`), for GPU decoding that
+    is not bound by Python and kernel launches.
+
+    ``mode``: ``"static"`` runs the fixed-shape step eagerly (any device; equals :func:`decode_step`);
+    ``"graph"`` captures it once per input shape in a CUDA graph and replays it (CUDA only); ``"compile"``
+    runs it through ``torch.compile`` (fused kernels), captured in a CUDA graph on CUDA. The step reads its
+    inputs from static buffers: ids are copied in, the position offset is a 0-d device tensor.
+    """
+
+    MODES = ("static", "graph", "compile")
+
+    def __init__(self, model: GPT, cache: KVCache, mode: str = "static"):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown decoder {mode!r} (eager | {' | '.join(self.MODES)})")
+        dev = cache.k.device
+        if mode == "graph" and dev.type != "cuda":
+            raise ValueError("decoder 'graph' needs CUDA (use 'static' elsewhere)")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.limit = min(model.config.n_positions, cache.max_len)
+        self.start = torch.zeros((), dtype=torch.long, device=dev)
+        self.fn = model.static_step
+        if mode == "compile":
+            self.fn = torch.compile(model.static_step, dynamic=False, fullgraph=True)
+        self.capture = dev.type == "cuda" and mode in ("graph", "compile")
+        self.graphs: dict = {}  # (ids shape, last) -> (ids buffer, graph, logits buffer)
+
+    def __call__(self, ids: torch.Tensor, start: int, last: int | None = None) -> torch.Tensor:
+        """ids [B, L] at positions start..start+L-1 -> logits [B, last or L, V] (a buffer reused by the next call)."""
+        if start + ids.shape[1] > self.limit:
+            raise ValueError(f"positions up to {start + ids.shape[1] - 1} exceed the {self.limit} slots")
+        self.start.fill_(start)
+        if not self.capture:
+            return self.fn(ids, self.start, self.cache, last)
+        key = (tuple(ids.shape), last)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(ids, last)
+        buf, graph, out = self.graphs[key]
+        buf.copy_(ids)
+        graph.replay()
+        return out
+
+    def _capture(self, ids: torch.Tensor, last: int | None):
+        """Warm up on a side stream (compilation, library workspaces), then record one step. Warm-up and
+        capture write this step's own keys/values into the cache, which the replay writes again."""
+        buf = ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(buf, self.start, self.cache, last)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(buf, self.start, self.cache, last)
+        return buf, graph, out
 
 
 # --------------------------------------------------------------------------------------
@@ -203,12 +367,14 @@ def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache,
 def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
              greedy: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              cfg: float | None = None, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
-             show_progress: bool = False, on_step=None) -> torch.Tensor:
+             show_progress: bool = False, on_step=None, decoder: str = "eager") -> torch.Tensor:
     """User-layout prefix [B, P] (condition, start ids, optionally the first video ids) -> prefix + new ids.
 
     ``max_new_tokens`` defaults to the rest of the video. For the hybrid layout the middle-bos ids are
     inserted and removed here: the result holds only condition, bov and video ids. ``on_step(step)`` is
-    called before each forward pass (for counting and timing).
+    called before each forward pass (for counting and timing). ``decoder``: ``"eager"`` (default) or a
+    :class:`StaticDecoder` mode (``"static"``, ``"graph"``, ``"compile"``) for the decode steps that feed a
+    whole block past the condition; the prefill and other steps stay eager. Greedy output is the same.
     """
     prefix_ids = prefix_ids.long()
     Bsz, dev = prefix_ids.shape[0], prefix_ids.device
@@ -227,6 +393,8 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
     ids = to_model_layout(task, prefix_ids)
     total = ids.shape[1] + num_new + (len(p.insert) if done < p.insert_after <= done + num_new else 0)
     cache = KVCache.for_model(model, rows, max_len=total)
+    static = None if decoder == "eager" else StaticDecoder(model, cache, decoder)
+    bid = task.block_ids(total).tolist()  # block id per position, for the per-step mask test
     lo, hi = task.video_offset, task.video_offset + task.video_vocab
     out, pos, made = [ids], 0, done
     feed = ids
@@ -236,8 +404,13 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
             on_step(s)
         x = feed.repeat(2, 1) if guided else feed  # [rows, n]
         n = p.groups[s]  # the last n fed positions predict the next group
-        logits = (prefill(model, task, x, cache, uncond, last=n) if s == 0 else
-                  decode_step(model, task, x, cache, pos, uncond, last=n))[..., lo:hi]  # [rows, n, V_video]
+        if s == 0:
+            logits = prefill(model, task, x, cache, uncond, last=n)
+        elif static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]:
+            logits = static(x, pos, last=n)  # a whole block: no mask inside it
+        else:
+            logits = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid)
+        logits = logits[..., lo:hi]  # [rows, n, V_video]
         pos += feed.shape[1]
         if guided:
             logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))

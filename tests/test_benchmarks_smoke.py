@@ -1,0 +1,74 @@
+"""Every speed benchmark this project keeps for issue 14 still runs at a tiny size and writes its results/speed.md
+section (no times are asserted: they depend on the machine). The GPU script is checked for syntax and for
+command lines its Python parts accept."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _section(md: Path, key: str) -> str:
+    text = md.read_text()
+    m = re.search(f"<!-- {key}:start -->(.*)<!-- {key}:end -->", text, re.S)
+    assert m, f"no {key} section in {md}"
+    return m.group(1)
+
+
+def test_sampling_speed_tiny(tmp_path):
+    md = tmp_path / "speed.md"
+    out = _run("sampling_speed.py", "--tiny", "--repeats", "1", "--threads", "1", "--md", str(md))
+    assert "load average before" in out
+    body = _section(md, "sampling_speed_cpu")
+    assert body.count("| NBP |") == 4 and body.count("| NTP |") == 3  # 3 generation rows + 1 step row, 2 + 1
+    assert "sort-based reference draw" in body and "bare forward" in body
+
+
+def test_gpu_decode_tiny_on_cpu(tmp_path):
+    md = tmp_path / "speed.md"
+    _run("gpu_decode.py", "--tiny", "--device", "cpu", "--batch", "1", "--md", str(md))
+    body = _section(md, "gpu_decode_cpu")
+    assert body.count("| 1 | NBP |") == 2 and body.count("| 1 | NTP |") == 2  # eager and the fixed-shape path
+    assert "NBP: identical" in body and "NTP: identical" in body  # greedy equality on CPU
+
+
+def test_generator_speed_tiny_on_cpu(tmp_path):
+    md = tmp_path / "speed.md"
+    _run("generator_speed.py", "--device", "cpu", "--preset", "tiny", "--grid", "3", "4", "4", "--block", "1", "1", "4",
+         "--vocab", "100", "--task", "class", "--classes", "2", "--modes", "sdpa", "--batch", "2", "--fp32",
+         "--warmup", "1", "--steps", "1", "--threads", "1", "--md", str(md))
+    assert "| sdpa | tiny | 2 |" in _section(md, "generator_speed_cpu")
+
+
+def test_gpu_script_is_valid_and_its_command_lines_parse():
+    import importlib.util
+
+    script = ROOT / "benchmarks" / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    mods = {}
+    for name in ("gpu_decode", "sampling_speed"):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    text = script.read_text().replace("\\\n", " ")
+    seen = set()
+    for line in text.splitlines():
+        m = re.search(r"\$PY benchmarks/(\w+)\.py (.*)", line)
+        if m and m.group(1) in mods:
+            args = [a.replace('"$MD"', "x.md") for a in shlex.split(m.group(2).replace('"$MD"', "x.md"))]
+            mods[m.group(1)].parse(args)
+            seen.add(m.group(1))
+    assert seen == set(mods)
