@@ -158,7 +158,9 @@ def fetch_vgg16(dest: Path, url: str, state: Path, *, lock: LockFile | None, sha
     want = sha256 or (entry or {}).get("sha256")
     hint = f"set fetch_lpips.vgg_path to a local copy of torchvision's VGG16 ImageNet weights ({name})"
     try:
-        fetch(url, staged, sha256=want, retries=retries)
+        # checked against fetch_lpips.vgg_sha256, else the lock's entry; a first download is recorded below, once its
+        # name's prefix matched
+        fetch(url, staged, lock=lock if entry else None, sha256=sha256, retries=retries)
     except ChecksumError as e:
         raise NbpError(f"fetch_lpips.vgg_url: {e}") from None
     except NbpError as e:  # network, HTTP errors: one line, and what to supply instead
