@@ -318,3 +318,46 @@ def test_local_files_named_in_params(repo, tmp_path):
     with pytest.raises(NbpError, match=r"fetch_lpips\.vgg_path: .*nowhere\.pth: no such file"):
         W.run_fetch_lpips(cfg_of(repo, **{**over, "fetch_lpips.vgg_path": str(tmp_path / "nowhere.pth")}))
     assert not folder.exists()
+
+
+# --------------------------------------------------------------------------------------
+# the tokenizer stages use the fetched files
+
+
+def test_tokenizer_training_and_evaluation_use_the_fetched_weights(repo, tmp_path, monkeypatch):
+    """perceptual: lpips trains with fetch_lpips's files and eval_tokenizer fills Table 7's LPIPS from them; with
+    only the stage's marker output the loss is refused in one line naming the stage to run."""
+    from test_tokenizer_eval import FakeI3D
+    from test_tokenizer_train import make_clip_cache, overrides
+
+    import nbp.metrics.fvd as fvd
+    from nbp.metrics.detector import I3D_FILENAME
+    from nbp.tokenizer.evaluate import run_eval_tokenizer
+    from nbp.tokenizer.train import run_train_tokenizer
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("NBP_PROGRESS", "0")
+    out = repo / "out"
+    make_clip_cache(out / "prepare" / "embedded", n_train=4, n_val=2, frames=17)
+    (out / "fetch_detector").mkdir(parents=True)
+    (out / "fetch_detector" / I3D_FILENAME).write_bytes(b"stand-in")
+    monkeypatch.setattr(fvd, "get_i3d", lambda weights=None, device="cpu": FakeI3D())
+    o = overrides(out, steps=2, disc="none", batch_size=2, train_frames=5)
+    o.update({"prepare.embedded.frames": 17, "eval_tokenizer.embedded.num_videos": 2, "eval_tokenizer.embedded.batch_size": 2,
+              "eval_tokenizer.embedded.grid_videos": 2})
+    W.run_fetch_lpips(load_config(repo / "params.yaml", o))  # nothing needs LPIPS here yet: a manifest only
+    cfg = load_config(repo / "params.yaml", {**o, **NEEDS})
+    with pytest.raises(NbpError, match=r"perceptual 'lpips': LPIPS weights unavailable: .*fetch_lpips has none: run "
+                                       r"`nbp fetch_lpips`"):
+        run_train_tokenizer(cfg, "embedded")
+    vgg, lin = tmp_path / "vgg.pth", tmp_path / "heads.pth"
+    vgg.write_bytes(_torch_bytes(R.vgg_state()))
+    lin.write_bytes(HEADS)
+    local = {"fetch_lpips.vgg_path": str(vgg), "fetch_lpips.lin_path": str(lin), "fetch_lpips.lin_sha256": HEADS_SHA}
+    W.run_fetch_lpips(load_config(repo / "params.yaml", {**o, **NEEDS, **local}))
+    run_train_tokenizer(cfg, "embedded")
+    history = (out / "train_tokenizer" / "embedded" / "history.csv").read_text().splitlines()
+    assert "perceptual" in history[0]
+    run_eval_tokenizer(cfg, "embedded")
+    m = json.loads((out / "eval_tokenizer" / "embedded" / "metrics.json").read_text())
+    assert isinstance(m["lpips"], float) and 0 < m["lpips"] < 1, m["lpips"]
