@@ -182,6 +182,14 @@ def test_vgg16_from_a_loopback_server_and_heads_from_a_wheel(repo, server, vgg_f
     server.log.clear()
     W.run_fetch_lpips(cfg)
     assert server.log == [] and vgg.read_bytes() == data
+    # nothing needs LPIPS for a while (another suite selected): the weights leave the output, the download is kept
+    # beside the rolling state and, needed again, verified against the lock instead of downloaded
+    off = cfg_of(repo, **{"fetch_lpips.vgg_url": url, "fetch_lpips.package": str(wheel),
+                          "fetch_lpips.wheel_sha256": wheel_sha, "fetch_lpips.lin_sha256": HEADS_SHA})
+    W.run_fetch_lpips(off)
+    assert sorted(p.name for p in folder.iterdir()) == [W.MANIFEST]
+    W.run_fetch_lpips(cfg)
+    assert server.log == [] and vgg.read_bytes() == data
 
 
 def test_known_answer_against_the_lpips_package(tmp_path):

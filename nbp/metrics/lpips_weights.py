@@ -262,6 +262,16 @@ def _reuse(old: dict | None, folder: Path, role: str, source: str, dest: Path) -
     return rec["sha256"]
 
 
+def _keep_download(old: dict | None, folder: Path, url: str, state: Path) -> None:
+    """Before the weights leave the output (nothing needs them now), move a downloaded VGG16 back to where
+    :func:`fetch_vgg16` stages it: needed again, it is verified there (against the lock) instead of downloaded."""
+    rec = ((old or {}).get("files") or {}).get("vgg") or {}
+    src = folder / LPIPS_VGG_FILENAME
+    if rec.get("source") == url and src.is_file():
+        state.mkdir(parents=True, exist_ok=True)
+        os.replace(src, state / (url.split("?")[0].rsplit("/", 1)[-1] or LPIPS_VGG_FILENAME))
+
+
 def run_fetch_lpips(cfg: Config, name: str | None = None, paths=None) -> Path:
     """Stage ``fetch_lpips``: write ``{run.out}/fetch_lpips/`` (see the module docstring)."""
     paths = paths or dag.resolve(cfg, "fetch_lpips", None)
@@ -269,6 +279,7 @@ def run_fetch_lpips(cfg: Config, name: str | None = None, paths=None) -> Path:
     why = needed_by(cfg)
     manifest: dict[str, Any] = {"needed": bool(why), "needed_by": why, "params": stage_params(cfg), "files": {}}
     if not why:
+        _keep_download(read_manifest(folder), folder, fl.vgg_url, paths.state)
         manifest["why_not"] = ("no selected train_tokenizer entry has perceptual: lpips and no selected eval_tokenizer "
                                f"entry wants Table 7's LPIPS (fetch_lpips.for_eval: {fl.for_eval})")
         with atomic_dir(folder) as tmp:
