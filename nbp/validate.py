@@ -401,8 +401,9 @@ def lpips_problem(cfg: Config, name: str) -> str | None:
                 f"{name!r} is not one: select it there, or set NBP_LPIPS_VGG and NBP_LPIPS_LIN")
     made = read_manifest(folder)
     if made is not None and made.get("params") == json.loads(json.dumps(lpips_stage_params(cfg))):
-        return (f"{folder} was made when nothing selected needed LPIPS and its params are unchanged, so DVC and "
-                f"Snakemake will not remake it: delete {folder} (or set NBP_LPIPS_VGG and NBP_LPIPS_LIN)")
+        return (f"{folder} holds no weights (made when nothing selected needed them, or the environment gave them) "
+                f"and its params are unchanged, so DVC and Snakemake will not remake it: delete {folder} (or set "
+                "NBP_LPIPS_VGG and NBP_LPIPS_LIN)")
     return None  # fetch_lpips will fetch them (a missing local fetch_lpips.*_path is reported on its own)
 
 

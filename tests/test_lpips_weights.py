@@ -150,7 +150,7 @@ def test_train_and_eval_tokenizer_read_the_stage_folder():
 # fetched, checksummed, loadable; the known answer
 
 
-def test_vgg16_from_a_loopback_server_and_heads_from_a_wheel(repo, server, vgg_file):
+def test_vgg16_from_a_loopback_server_and_heads_from_a_wheel(repo, server, vgg_file, monkeypatch):
     data, sha = vgg_file
     url = served(server, data, sha)
     server.drops[url.removeprefix(server.url)] = [len(data) // 3]  # the connection breaks once: the download resumes
@@ -171,13 +171,24 @@ def test_vgg16_from_a_loopback_server_and_heads_from_a_wheel(repo, server, vgg_f
     assert lpips_available(folder=folder) and load_lpips(folder=folder) is not None
     a, b = (torch.from_numpy(x) for x in R.frames())
     np.testing.assert_allclose(lpips(a, b, folder=folder).double().numpy(), REFERENCE["seeded_heads"], rtol=1e-5)
-    # the environment still overrides the fetched files
-    os.environ["NBP_LPIPS_LIN"] = str(repo / "elsewhere.pth")
-    try:
-        with pytest.raises(NbpError, match="elsewhere.pth"):
-            load_lpips(folder=folder)
-    finally:
-        del os.environ["NBP_LPIPS_LIN"]
+    # the environment still overrides the fetched files; when it gives both, the stage fetches nothing
+    monkeypatch.setenv("NBP_LPIPS_LIN", str(repo / "elsewhere.pth"))
+    with pytest.raises(NbpError, match="elsewhere.pth"):
+        load_lpips(folder=folder)
+    monkeypatch.setenv("NBP_LPIPS_LIN", str(lin))
+    monkeypatch.setenv("NBP_LPIPS_VGG", str(vgg))
+    shutil.copytree(folder, repo / "given")
+    monkeypatch.setenv("NBP_LPIPS_LIN", str(repo / "given" / "lpips_vgg.pth"))
+    monkeypatch.setenv("NBP_LPIPS_VGG", str(repo / "given" / "vgg16.pth"))
+    server.log.clear()
+    W.run_fetch_lpips(cfg)
+    made = json.loads((folder / W.MANIFEST).read_text())
+    assert server.log == [] and sorted(p.name for p in folder.iterdir()) == [W.MANIFEST] and made["files"] == {}
+    assert "NBP_LPIPS_VGG" in made["supplied_by"] and lpips_available(folder=folder)
+    monkeypatch.delenv("NBP_LPIPS_LIN")
+    monkeypatch.delenv("NBP_LPIPS_VGG")
+    W.run_fetch_lpips(cfg)  # the environment no longer gives them: back in the output, from the kept download
+    assert server.log == [] and vgg.read_bytes() == data and lpips_available(folder=folder)
     # a rerun (e.g. another tokenizer selected) keeps the verified files: nothing downloaded again
     server.log.clear()
     W.run_fetch_lpips(cfg)

@@ -6,7 +6,8 @@ anything is fetched or not):
 - ``manifest.json``: whether LPIPS is needed and by which selected entries (:func:`needed_by`), the params it was
   made for, and the source and sha256 of each file;
 - ``vgg16.pth`` and ``lpips_vgg.pth``, only when something selected needs LPIPS (a ``train_tokenizer`` entry with
-  ``perceptual: lpips``; an ``eval_tokenizer`` entry, for Table 7's LPIPS, as ``fetch_lpips.for_eval`` says).
+  ``perceptual: lpips``; an ``eval_tokenizer`` entry, for Table 7's LPIPS, as ``fetch_lpips.for_eval`` says) and
+  ``NBP_LPIPS_VGG`` / ``NBP_LPIPS_LIN`` (which override fetched files) do not already give both.
 
 Where the files come from:
 
@@ -285,6 +286,14 @@ def run_fetch_lpips(cfg: Config, name: str | None = None, paths=None) -> Path:
         with atomic_dir(folder) as tmp:
             write_json(tmp / MANIFEST, manifest)
         print(f"fetch_lpips: nothing selected needs LPIPS; wrote {folder / MANIFEST} only")
+        return folder
+    env = [os.environ.get(v) for v in ("NBP_LPIPS_VGG", "NBP_LPIPS_LIN")]
+    if all(env) and all(Path(e).expanduser().is_file() for e in env):  # they override fetched files: fetch none
+        _keep_download(read_manifest(folder), folder, fl.vgg_url, paths.state)
+        manifest["supplied_by"] = "the environment (NBP_LPIPS_VGG, NBP_LPIPS_LIN)"
+        with atomic_dir(folder) as tmp:
+            write_json(tmp / MANIFEST, manifest)
+        print(f"fetch_lpips: NBP_LPIPS_VGG and NBP_LPIPS_LIN give the weights; wrote {folder / MANIFEST} only")
         return folder
     old = read_manifest(folder)
     paths.state.mkdir(parents=True, exist_ok=True)
