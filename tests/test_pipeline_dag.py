@@ -87,6 +87,8 @@ def test_embedded_dag_shape():
         ("train_tokenizer@embedded", "eval_tokenizer@embedded"), ("prepare@embedded", "eval_tokenizer@embedded"),
         ("fetch_detector", "eval_tokenizer@embedded"), ("train_tokenizer@embedded", "tokenize@embedded"),
         ("prepare@embedded", "tokenize@embedded"), ("eval_tokenizer@embedded", "tables"),
+        # the LPIPS weights (the perceptual loss, Table 7's LPIPS); for the embedded run the stage fetches nothing
+        ("fetch_lpips", "train_tokenizer@embedded"), ("fetch_lpips", "eval_tokenizer@embedded"),
     }
     for g in ("embedded_nbp", "embedded_ntp"):
         want |= {("tokenize@embedded", f"train_generator@{g}"), (f"train_generator@{g}", f"eval_generator@{g}"),
@@ -107,12 +109,13 @@ def _family_edges(ds: str, tok: str, gens: list[str]) -> set[tuple[str, str]]:
         (f"train_tokenizer@{tok}", f"eval_tokenizer@{tok}"),
         (f"prepare@{ds}", f"eval_tokenizer@{tok}"), ("fetch_detector", f"eval_tokenizer@{tok}"),
         (f"train_tokenizer@{tok}", f"tokenize@{tok}"), (f"prepare@{ds}", f"tokenize@{tok}"), (f"eval_tokenizer@{tok}", "tables"),
+        ("fetch_lpips", f"train_tokenizer@{tok}"), ("fetch_lpips", f"eval_tokenizer@{tok}"),  # LPIPS weights
     }
     for g in gens:
         want |= {(f"tokenize@{tok}", f"train_generator@{g}"), (f"train_generator@{g}", f"eval_generator@{g}"),
                  (f"tokenize@{tok}", f"eval_generator@{g}"), (f"train_tokenizer@{tok}", f"eval_generator@{g}"),
                  (f"real_stats@{ds}", f"eval_generator@{g}"), ("fetch_detector", f"eval_generator@{g}"),
-                 (f"prepare@{ds}", f"eval_generator@{g}"),  # labels / context frames of the reference split
+                 (f"prepare@{ds}", f"eval_generator@{g}"),  # labels / context frames of the FVD reference split
                  (f"eval_generator@{g}", "tables")}
     return want
 

@@ -18,13 +18,10 @@ PARAMS = ROOT / "params.yaml"
 
 
 @pytest.fixture(autouse=True)
-def lpips_files(tmp_path, monkeypatch):
-    """LPIPS weight files present (the paper tokenizers use perceptual: lpips); tests of their absence unset them."""
-    vgg, lin = tmp_path / "vgg16.pth", tmp_path / "vgg.pth"
-    vgg.write_bytes(b"x")
-    lin.write_bytes(b"x")
-    monkeypatch.setenv("NBP_LPIPS_VGG", str(vgg))
-    monkeypatch.setenv("NBP_LPIPS_LIN", str(lin))
+def no_lpips_env(monkeypatch):
+    """No LPIPS weights in the environment: the paper tokenizers' (perceptual: lpips) come from the fetch_lpips stage."""
+    monkeypatch.delenv("NBP_LPIPS_VGG", raising=False)
+    monkeypatch.delenv("NBP_LPIPS_LIN", raising=False)
 
 
 def cfg_of(suite: str = "embedded", **over):
@@ -167,14 +164,32 @@ def test_local_dataset_root_must_hold_the_layout(tmp_path):
 
 
 def test_lpips_weights_needed_but_not_obtainable(monkeypatch, tmp_path):
-    cfg = cfg_of(**{"train_tokenizer.embedded.perceptual": "lpips"})
-    assert messages(cfg) == []  # the fixture's two files
+    from nbp.metrics.lpips_weights import run_fetch_lpips
+
+    out = {"run.out": str(tmp_path / "out")}
+    cfg = cfg_of(**out, **{"train_tokenizer.embedded.perceptual": "lpips"})
+    assert messages(cfg) == []  # fetch_lpips, upstream of train_tokenizer, fetches them for the selected entries
+    assert ("lpips", "fetch_lpips") in {(u.role, u.stage) for u in dag.BY_NAME["train_tokenizer"].upstream}
+    # a local file named in params that is not there
+    fails(cfg_of(**out, **{"train_tokenizer.embedded.perceptual": "lpips", "fetch_lpips.vgg_path": str(tmp_path / "v.pth")}),
+          r"fetch_lpips\.vgg_path: .*v\.pth: no such file \(LPIPS is needed by train_tokenizer\.embedded\.perceptual: lpips")
+    fails(cfg_of("ucf101", **out, **{"fetch_lpips.lin_path": str(tmp_path / "l.pth")}), r"fetch_lpips\.lin_path: .*l\.pth")
+    assert messages(cfg_of(**out, **{"fetch_lpips.vgg_path": str(tmp_path / "v.pth")})) == []  # nothing needs LPIPS
+    # the environment overrides, so a missing file there is an error
     monkeypatch.setenv("NBP_LPIPS_VGG", str(tmp_path / "missing.pth"))
     fails(cfg, r"train_tokenizer\.embedded\.perceptual: 'lpips': NBP_LPIPS_VGG=.*missing\.pth does not exist")
     monkeypatch.delenv("NBP_LPIPS_VGG")
-    monkeypatch.delenv("NBP_LPIPS_LIN")
-    fails(cfg, r"train_tokenizer\.embedded\.perceptual: 'lpips': it needs the VGG16 ImageNet state dict and the LPIPS "
-               r"v0\.1 vgg\.pth heads, which no stage fetches: set NBP_LPIPS_VGG and NBP_LPIPS_LIN")
+    # an entry outside run.tokenizers (`nbp train_tokenizer ucf101` with the embedded run selected): not fetched for
+    with pytest.raises(ConfigError, match=r"train_tokenizer\.ucf101\.perceptual: 'lpips': fetch_lpips fetches .* only "
+                                          r"for the entries of run\.tokenizers, and 'ucf101' is not one"):
+        check_consistency(cfg_of(**out), {"datasets": ["ucf101"], "tokenizers": ["ucf101"]})
+    # made when nothing needed LPIPS, with the same params: DVC and Snakemake would not remake it
+    run_fetch_lpips(cfg_of(**out))
+    fails(cfg, r"train_tokenizer\.embedded\.perceptual: 'lpips': .*fetch_lpips holds no weights \(made when nothing "
+               r"selected needed them.*\) and its params are unchanged, so DVC and Snakemake will not remake it: delete "
+               r".*fetch_lpips")
+    # params that differ (another selection, another fetch_lpips setting): the runners remake it
+    assert messages(cfg_of(**out, **{"train_tokenizer.embedded.perceptual": "lpips", "fetch_lpips.for_eval": "always"})) == []
     # a released tokenizer trains nothing: no LPIPS needed
     assert not any("released_ucf" in m for m in messages(cfg_of("released")))
 

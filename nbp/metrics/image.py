@@ -6,11 +6,11 @@ frame and averaged over the T frames, giving one value per video: shape [...].
 - PSNR: 10 log10(1 / MSE) per frame (inf for identical frames).
 - SSIM: Wang et al. 2004 as ``tf.image.ssim``: 11x11 Gaussian window (sigma 1.5), VALID filtering, K1 0.01,
   K2 0.03, per channel, averaged over positions and channels.
-- LPIPS (v0.1, VGG16): needs two weight files that cannot be fetched offline: the torchvision VGG16 ImageNet
-  state dict (keys ``features.N.weight/bias``) and the LPIPS linear heads (``vgg.pth`` of the ``lpips``
-  package, keys ``lin{k}.model.1.weight``). Give them as arguments or with ``NBP_LPIPS_VGG`` / ``NBP_LPIPS_LIN``;
-  without them :func:`lpips` raises "LPIPS weights unavailable" and :func:`lpips_or_none` returns None
-  (reported as null in metrics files).
+- LPIPS (v0.1, VGG16): needs two weight files: the torchvision VGG16 ImageNet state dict (keys
+  ``features.N.weight/bias``) and the LPIPS linear heads (``vgg.pth`` of the ``lpips`` package, keys
+  ``lin{k}.model.1.weight``). Found as arguments, else ``NBP_LPIPS_VGG`` / ``NBP_LPIPS_LIN``, else in the
+  ``fetch_lpips`` stage's folder (``folder=``, see :mod:`nbp.metrics.lpips_weights`); without them :func:`lpips`
+  raises "LPIPS weights unavailable" and :func:`lpips_or_none` returns None (reported as null in metrics files).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nbp.checkpoint import read_torch_file
 from nbp.errors import NbpError
+from nbp.metrics import LPIPS_LIN_FILENAME, LPIPS_VGG_FILENAME, VGG16_CONVS
 
 
 def _frames(a: torch.Tensor, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -78,8 +79,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 1
 # LPIPS (VGG16, v0.1)
 
 # VGG16 "features" conv indices (torchvision numbering) and the ReLU outputs LPIPS taps: relu1_2 ... relu5_3
-_VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
-              (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
+_VGG_CONVS = list(VGG16_CONVS)
 _TAPS = (2, 7, 14, 21, 28)  # conv index whose ReLU output is a tapped layer
 _POOL_AFTER = (2, 7, 14, 21)  # max-pool 2x2 after these convs' ReLU
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -117,12 +117,18 @@ class LPIPS(nn.Module):
         return d
 
 
-def _weight_paths(vgg: str | Path | None, lin: str | Path | None) -> tuple[Path, Path]:
-    vgg = vgg or os.environ.get("NBP_LPIPS_VGG")
-    lin = lin or os.environ.get("NBP_LPIPS_LIN")
+def _weight_paths(vgg: str | Path | None, lin: str | Path | None, folder: str | Path | None = None) -> tuple[Path, Path]:
+    """The two files: the arguments, else the environment, else the fetch_lpips files in ``folder`` (when there)."""
+
+    def fetched(name: str) -> Path | None:
+        return Path(folder) / name if folder is not None and (Path(folder) / name).is_file() else None
+
+    vgg = vgg or os.environ.get("NBP_LPIPS_VGG") or fetched(LPIPS_VGG_FILENAME)
+    lin = lin or os.environ.get("NBP_LPIPS_LIN") or fetched(LPIPS_LIN_FILENAME)
     if not vgg or not lin:
+        where = f"; {folder} has none: run `nbp fetch_lpips`" if folder is not None else ""
         raise NbpError("LPIPS weights unavailable: give the VGG16 ImageNet state dict and the LPIPS vgg.pth heads "
-                       "(NBP_LPIPS_VGG, NBP_LPIPS_LIN)")
+                       f"(NBP_LPIPS_VGG, NBP_LPIPS_LIN, or the fetch_lpips stage){where}")
     for p, what in ((vgg, "NBP_LPIPS_VGG"), (lin, "NBP_LPIPS_LIN")):
         if not Path(p).is_file():
             raise NbpError(f"LPIPS weights unavailable: {what}: {p} does not exist")
@@ -132,9 +138,10 @@ def _weight_paths(vgg: str | Path | None, lin: str | Path | None) -> tuple[Path,
 _LPIPS: dict[tuple[str, str, str], LPIPS] = {}
 
 
-def load_lpips(vgg: str | Path | None = None, lin: str | Path | None = None, device: str | torch.device = "cpu") -> LPIPS:
+def load_lpips(vgg: str | Path | None = None, lin: str | Path | None = None, device: str | torch.device = "cpu",
+               folder: str | Path | None = None) -> LPIPS:
     """The LPIPS network from the two weight files (tensors only, ``weights_only=True``)."""
-    vgg, lin = _weight_paths(vgg, lin)
+    vgg, lin = _weight_paths(vgg, lin, folder)
     key = (str(vgg), str(lin), str(device))
     if key in _LPIPS:
         return _LPIPS[key]
@@ -167,9 +174,9 @@ def load_lpips(vgg: str | Path | None = None, lin: str | Path | None = None, dev
 
 
 def lpips(a: torch.Tensor, b: torch.Tensor, vgg: str | Path | None = None, lin: str | Path | None = None,
-          batch_size: int = 64) -> torch.Tensor:
+          batch_size: int = 64, folder: str | Path | None = None) -> torch.Tensor:
     """Mean over frames of LPIPS(VGG16) -> [...]; raises NbpError("LPIPS weights unavailable ...") without weights."""
-    model = load_lpips(vgg, lin, a.device)
+    model = load_lpips(vgg, lin, a.device, folder)
     if a.shape != b.shape or a.ndim < 4 or a.shape[-4] != 3:
         raise NbpError(f"lpips: expected two float [..., 3, T, H, W] of equal shape, got {list(a.shape)}, {list(b.shape)}")
     C, T, H, W = a.shape[-4:]
@@ -181,9 +188,10 @@ def lpips(a: torch.Tensor, b: torch.Tensor, vgg: str | Path | None = None, lin: 
     return d.view(lead + (T,)).mean(-1)
 
 
-def lpips_available(vgg: str | Path | None = None, lin: str | Path | None = None) -> bool:
+def lpips_available(vgg: str | Path | None = None, lin: str | Path | None = None,
+                    folder: str | Path | None = None) -> bool:
     try:
-        _weight_paths(vgg, lin)
+        _weight_paths(vgg, lin, folder)
         return True
     except NbpError:
         return False
@@ -191,6 +199,6 @@ def lpips_available(vgg: str | Path | None = None, lin: str | Path | None = None
 
 def lpips_or_none(a: torch.Tensor, b: torch.Tensor, **kw) -> float | None:
     """The mean LPIPS over all videos, or None when the weights are unavailable (a metrics file then says null)."""
-    if not lpips_available(kw.get("vgg"), kw.get("lin")):
+    if not lpips_available(kw.get("vgg"), kw.get("lin"), kw.get("folder")):
         return None
     return float(lpips(a, b, **kw).mean())

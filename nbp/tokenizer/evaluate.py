@@ -52,7 +52,8 @@ def run_eval_tokenizer(cfg: Config, name: str, paths: dag.StagePaths | None = No
         raise NbpError(f"{clips}/val: {len(val)} clips, rFVD needs at least 2")
     T, H, W = val.shape
     i3d = fvd.get_i3d(weights, device)
-    with_lpips = lpips_available()
+    lpips_folder = paths.inputs.get("lpips")  # fetch_lpips's files, when it fetched them (env vars override)
+    with_lpips = lpips_available(folder=lpips_folder)
 
     counts = np.zeros(model.vocab_size, dtype=np.int64)
     scores: dict[str, list[np.ndarray]] = {"psnr": [], "ssim": [], "lpips": []}
@@ -78,7 +79,7 @@ def run_eval_tokenizer(cfg: Config, name: str, paths: dag.StagePaths | None = No
         scores["psnr"].append(psnr(x, recf).cpu().numpy())
         scores["ssim"].append(ssim(x, recf).cpu().numpy())
         if with_lpips:
-            scores["lpips"].append(lpips(x, recf).cpu().numpy())
+            scores["lpips"].append(lpips(x, recf, folder=lpips_folder).cpu().numpy())
         with torch.inference_mode():  # one I3D pass over real and reconstructed clips (FVD protocol at the data's size)
             both = torch.cat([torch.from_numpy(real_u8).to(device), rec_u8.permute(0, 2, 3, 4, 1)])  # uint8 [2B, T, H, W, 3]
             f = i3d(fvd.preprocess(both, fvd.FRAMES, resolution=H, sampling="first")).float().cpu().numpy()  # [2B, 400]

@@ -83,24 +83,26 @@ class I3DPerceptual(nn.Module):
         return F.mse_loss(ff, fr) + F.mse_loss(lf, lr) / lr.shape[1] ** 0.5
 
 
-def build_perceptual(kind: str, device: torch.device, i3d_weights: str | Path | None = None) -> nn.Module | None:
+def build_perceptual(kind: str, device: torch.device, i3d_weights: str | Path | None = None,
+                     lpips_folder: str | Path | None = None) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "i3d":
         return I3DPerceptual(i3d_weights, device=device)
     if kind == "lpips":
-        return LPIPSPerceptual(device)
+        return LPIPSPerceptual(device, lpips_folder)
     raise ValueError(f"unknown perceptual loss {kind!r}")
 
 
 class LPIPSPerceptual(nn.Module):
     """LPIPS-VGG16 per frame (``nbp.metrics.image``'s network, frozen); its weight files must be present
-    (``NBP_LPIPS_VGG`` / ``NBP_LPIPS_LIN``), else an NbpError says so: use ``perceptual: i3d`` or ``none``."""
+    (``NBP_LPIPS_VGG`` / ``NBP_LPIPS_LIN``, or in the fetch_lpips stage's ``folder``), else an NbpError says so:
+    use ``perceptual: i3d`` or ``none``."""
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", folder: str | Path | None = None):
         super().__init__()
         try:
-            self.net = load_lpips(device=device)
+            self.net = load_lpips(device=device, folder=folder)
         except NbpError as e:
             raise NbpError(f"train_tokenizer perceptual 'lpips': {e}; or choose perceptual: i3d / none") from None
 

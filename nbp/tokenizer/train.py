@@ -174,7 +174,8 @@ class TokenizerTraining(Training):
         self.lecam = LeCam().to(device)
         self.ema = [p.detach().clone() for p in self.model.parameters()] if t.ema > 0 else None
         weights = t.i3d_weights or _existing(paths.inputs["detector"])
-        self.perceptual = build_perceptual(t.perceptual, device, weights) if t.perceptual != "none" else None
+        self.perceptual = (build_perceptual(t.perceptual, device, weights, paths.inputs.get("lpips"))
+                           if t.perceptual != "none" else None)  # LPIPS: fetch_lpips's files (env vars override)
         self.opt_g = self._adamw(self.model.parameters())
         self.opt_d = self._adamw(self.disc.parameters()) if self.disc is not None else None
         self.net, self.net_d = self.model, self.disc  # DDP wrappers under torchrun

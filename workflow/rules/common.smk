@@ -15,6 +15,7 @@ ENV = "../envs/nbp.yaml"
 localrules:
     download,
     fetch_detector,
+    fetch_lpips,
     tables,
 
 
