@@ -144,6 +144,7 @@ _TOKENS = {"via": _gen_tokens, "via_key": "train_generator.{entry}.tokens"}
 _DETECTOR = Upstream("detector", "fetch_detector", (I3D_FILENAME,))
 _LPIPS = Upstream("lpips", "fetch_lpips")  # its folder: the weights when something selected needs LPIPS, else a manifest
 _HISTORY = "history.csv"
+RUN_OUT = "{run.out}/"  # an output path starting with this lives under run.out, not in the stage's folder
 TABLE_FILES = ("tokenizer.md", "tokenizer.csv", "main.md", "main.csv", "ntp_vs_nbp.md", "ntp_vs_nbp.csv", "block_size.md",
                "block_size.csv", "block_size_plot.csv", "block_size.png", "block_shape.md", "block_shape.csv", "README.md",
                "samples")
@@ -193,7 +194,7 @@ STAGES: tuple[Stage, ...] = (
            Upstream("eval_generator", "eval_generator", ("metrics.json", "samples.gif"), fan_in=True)),
           ("tables", "download", "prepare", "train_tokenizer", "eval_tokenizer", "tokenize", "train_generator",
            "eval_generator"),
-          outs={f: f for f in TABLE_FILES}, cache=False, root="tables.out"),
+          outs={f: f for f in TABLE_FILES} | {"receipt": RUN_OUT + "tables/receipt.json"}, cache=False, root="tables.out"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 DIR_OUTPUTS = {("tables", "samples")}  # folder outputs besides a stage's own folder ("")
@@ -267,11 +268,18 @@ def _join(base: str, rel: str) -> str:
     return f"{base}/{rel}" if rel else base
 
 
+def out_path(base: str, rel: str, run_out: str) -> str:
+    """An output's path: inside the stage folder ``base``, or under ``run_out`` for ``{run.out}/...`` paths."""
+    return f"{run_out}/{rel[len(RUN_OUT):]}" if rel.startswith(RUN_OUT) else _join(base, rel)
+
+
 def outputs(cfg: Config, stage: str, entry: str | None) -> dict[str, list[str]]:
     """``{"outs": [...], "metrics": [...], "plots": [...]}`` of one stage instance."""
     s, base = BY_NAME[stage], folder(cfg, stage, entry)
-    return {"outs": [_join(base, o) for o in s.outs.values()], "metrics": [_join(base, m) for m in s.metrics.values()],
-            "plots": [_join(base, p) for p, _ in s.plots.values()]}
+    out = cfg.run.out
+    return {"outs": [out_path(base, o, out) for o in s.outs.values()],
+            "metrics": [out_path(base, m, out) for m in s.metrics.values()],
+            "plots": [out_path(base, p, out) for p, _ in s.plots.values()]}
 
 
 def all_outputs(cfg: Config, stage: str, entry: str | None) -> list[str]:
@@ -380,7 +388,8 @@ def resolve(cfg: Config, stage: str, entry: str | None) -> StagePaths:
         producers[up.role] = (up.stage, None if up.fan_in else names[0])
     key = "{stage}" if s.is_global else "{stage}/{entry}"
     sub = s.state.replace("{stage}/{entry}", key).format(stage=stage, entry=entry)
-    return StagePaths(stage, entry, Path(base), {r: Path(_join(base, p)) for r, p in s.rel_outputs().items()}, ins,
+    outs = {r: Path(out_path(base, p, cfg.run.out)) for r, p in s.rel_outputs().items()}
+    return StagePaths(stage, entry, Path(base), outs, ins,
                       Path(cfg.run.out) / sub, Path(cfg.run.out) / "logs" / key.format(stage=stage, entry=entry), producers)
 
 
@@ -550,7 +559,8 @@ def dvc_stage(s: Stage) -> dict:
     base = _dvc_folder(s.name, item)
     body: dict[str, Any] = {"desc": s.help, "cmd": command(s.name, item), "deps": _dvc_deps(s)}
     body["params"] = [k.replace("{entry}", "${item}") for k in s.params]
-    body["outs"] = [{_join(base, o): {"cache": False}} if not s.cache else _join(base, o) for o in s.outs.values()]
+    outs = [out_path(base, o, "${run.out}") for o in s.outs.values()]
+    body["outs"] = [{o: {"cache": False}} if not s.cache else o for o in outs]
     if s.metrics:
         body["metrics"] = [{_join(base, m): {"cache": False}} for m in s.metrics.values()]
     if s.plots:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from nbp import dag
 from nbp.config import Config
-from nbp.io import atomic_dir, atomic_path, write_text
+from nbp.io import atomic_dir, atomic_path, write_json, write_text
 
 NOT_RUN = "not run"
 NA = "—"
@@ -435,5 +435,9 @@ def run_tables(cfg: Config, name: str | None = None, paths: dag.StagePaths | Non
     gifs = copy_samples(cfg, runs, out)
     write_text(out / "README.md", readme(runs, gifs))
     done = sum(r.done for r in runs)
+    # written last, under run.out: a committed results/ cannot stand in for it, so Snakemake on a fresh clone plans
+    # the whole DAG (it judges targets by file times) and a half-finished tables run is never taken as done
+    write_json(paths.outputs["receipt"], {"tables": str(out), "evaluated": [r.name for r in runs if r.done],
+                                          "files": sorted(p.name for p in out.iterdir())})
     print(f"tables: {done} evaluated entries -> {out}/ ({', '.join(TABLES)}, block_size, README.md, {len(gifs)} GIFs)")
     return out

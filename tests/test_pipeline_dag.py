@@ -168,3 +168,20 @@ def test_launcher_commands():
     multi = dag.launcher("train_tokenizer", 8, nodes=2)
     assert multi.startswith("srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
     assert multi.endswith(" -m nbp")
+
+
+@pytest.mark.parametrize("profile", [None, "workflow/profiles/slurm"])
+def test_a_fresh_clone_with_committed_results_plans_the_whole_dag(tmp_path, profile):
+    """The committed results/ tables cannot stand in for the DAG's end: the tables stage's receipt lives under
+    run.out, so `snakemake -n` on a fresh clone (results/ present and newer than everything) plans every stage."""
+    from pipeline_helpers import ALL_STAGES, copy_repo, ran_snakemake
+
+    repo = copy_repo(tmp_path / "clone")
+    for name in dag.TABLE_FILES:  # what a clone of main holds: every table, committed after a real run
+        p = repo / "results" / name
+        p.mkdir(parents=True) if name == "samples" else p.write_text("committed\n")
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "results"], repo)
+    args = ["-n", "-c2"] + (["--profile", profile] if profile else [])
+    planned = ran_snakemake(snakemake(args, cwd=repo).stdout)
+    assert planned == ALL_STAGES, sorted(planned ^ ALL_STAGES)

@@ -35,7 +35,7 @@ def stage_outputs(stage):
     base = dag.folder(CFG, stage, _entry(stage))
     out = {}
     for role, rel in s.rel_outputs().items():
-        path = f"{base}/{rel}" if rel else base
+        path = dag.out_path(base, rel, CFG.run.out)
         out[role] = directory(path) if dag.is_dir_output(stage, rel) else path
     return out
 
