@@ -15,5 +15,5 @@ def test_conda_env_matches_pyproject_pins():
     assert all("==" in p for p in pip)
     py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert requires == ">=3.10" and py == "python=3.11"
+    assert requires == ">=3.11" and py == "python=3.11"  # the pinned dependencies need 3.11
     assert (ROOT / "workflow/envs/nbp.post-deploy.sh").stat().st_mode & 0o111  # Snakemake runs it after creating the env
