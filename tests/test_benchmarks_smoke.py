@@ -53,6 +53,20 @@ def test_generator_speed_tiny_on_cpu(tmp_path):
     assert "| sdpa | tiny | 2 |" in _section(md, "generator_speed_cpu")
 
 
+def test_training_overhead_tiny(tmp_path):
+    md = tmp_path / "speed.md"
+    out = _run("training_overhead.py", "--tiny", "--threads", "1", "--md", str(md))
+    body = _section(md, "training_overhead_cpu")
+    assert "load average before" in out
+    rows = [r for r in body.splitlines() if r.startswith("| train_")]
+    assert [r.split(" | ")[0] for r in rows] == ["| train_tokenizer embedded", "| train_generator embedded_nbp"]
+    for r in rows:  # the pieces add up: loop >= step, and the share is a percentage in [0, 100]
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        loop, step, val = float(cells[2]), float(cells[3]), float(cells[7])
+        assert loop >= step + val - 1e-6 and 0 <= float(cells[8].rstrip("%")) <= 100
+    assert float([c.strip() for c in rows[1].strip("|").split("|")][7]) > 0  # the generator validated
+
+
 def test_gpu_script_is_valid_and_its_command_lines_parse():
     import importlib.util
 
