@@ -243,19 +243,25 @@ def zero2_gib(params: int, gpus: int) -> dict[str, float]:
     return {"adamw": 16 * params / g, "zero2": (4 * params + 12 * params / gpus) / g}
 
 
-def measure(a, device: torch.device) -> dict:
+def measure(a, device: torch.device, report=lambda m: None) -> dict:
     """Every part; the generator steps (compiled FlexAttention, the longest) last, each skipped once ``a.budget``
-    seconds have passed so that a time-limited run still writes its section."""
+    seconds have passed. ``report(m)`` runs before each generator part and at the end (the section is written
+    then, with the parts not yet measured marked, so a run killed by its time limit still leaves one)."""
     t0 = time.perf_counter()
-    m = {"tokenizer": halving(a.tok_batch, "train_tokenizer", lambda b: tokenizer_step(a, device, b), device)}
+    with torch.device("meta"):  # the paper presets at the K600 vocabulary
+        models = {n: GPT(gpt_config(n, vocab_size=64000)) for n in ("base", "xl", "3b")}
+    m = {"params": {n: g.num_params() for n, g in models.items()},
+         "params_ne": {n: g.num_params(False) for n, g in models.items()}}
+    m["tokenizer"] = halving(a.tok_batch, "train_tokenizer", lambda b: tokenizer_step(a, device, b), device)
     print(m["tokenizer"], flush=True)
     m["codec"] = tokenizer_codec(a, device)
     print(m["codec"], flush=True)
     m["sampling"] = {r["protocol"]: r for r in sampling(a, device)}
     m["i3d"] = i3d_rate(a, device)
     print(m["i3d"], flush=True)
-    m["generators"] = {}
+    m["generators"] = {n: {"preset": n, "batch": None, "oom": [], "skipped": True} for n in ("base", "xl", "3b")}
     for name, preset in zip(("base", "xl", "3b"), a.gen_presets):
+        report(m)
         if a.budget and time.perf_counter() - t0 > a.budget:
             m["generators"][name] = {"preset": name, "batch": None, "oom": [], "skipped": True}
             print(f"train_generator {name}: skipped (past the {a.budget} s budget)", flush=True)
@@ -265,10 +271,7 @@ def measure(a, device: torch.device) -> dict:
         row.setdefault("preset", name)
         m["generators"][name] = row
         print(row, flush=True)
-    with torch.device("meta"):  # the paper presets at the K600 vocabulary
-        models = {n: GPT(gpt_config(n, vocab_size=64000)) for n in ("base", "xl", "3b")}
-    m["params"] = {n: g.num_params() for n, g in models.items()}
-    m["params_ne"] = {n: g.num_params(False) for n, g in models.items()}
+    report(m)
     return m
 
 
@@ -297,7 +300,7 @@ def generator_rate(m: dict, cfg, g: str) -> tuple[float | None, str]:
     e = cfg.train_generator[g]
     r = m["generators"][e.preset]
     if r.get("batch") is None:
-        return None, "not measured (time budget)" if r.get("skipped") else "did not fit"
+        return None, "not measured (time budget or limit)" if r.get("skipped") else "did not fit"
     seq = gen_task(cfg, g).seq_len
     note = "measured" if seq == r["seq_len"] else f"measured at {r['seq_len']} tokens, x {r['seq_len']}/{seq}"
     return r["samples_s"] * r["seq_len"] / seq, note
@@ -400,7 +403,7 @@ def parts_table(m: dict) -> list[str]:
     row("tokenizer encode", c["what"], c["batch"], c["encode_s"], c["encode_cps"], c["peak_gib"])
     row("tokenizer decode", c["what"], c["batch"], c["decode_s"], c["decode_cps"], c["peak_gib"])
     for name, r in m["generators"].items():
-        row(f"train_generator {name}", r.get("what", "skipped (time budget)" if r.get("skipped") else name),
+        row(f"train_generator {name}", r.get("what", "not measured (time budget or limit)" if r.get("skipped") else name),
             r.get("batch"), r.get("step_s"), r.get("samples_s"), r.get("peak_gib"), r["oom"])
     for name, r in m["sampling"].items():
         row(f"sampling {name}", r["what"], r["batch"], r["batch_s"], r["batch"] / r["batch_s"], r["peak_gib"])
@@ -434,6 +437,12 @@ def plan_table(rows: list[dict]) -> list[str]:
         mine = [r for r in rows if r["suite"] == suite]
         gh = sum(r["gpu_h"] for r in mine if r["gpu_h"] is not None)
         lines.append(f"| {suite} | {gh:,.0f} | {sum(r['disk_gb'] for r in mine):,.1f} |")
+    once = {(r["stage"], r["entry"]): r for r in rows}.values()  # k600_ablations shares k600's data, tokenizer, 2 models
+    gh = sum(r["gpu_h"] for r in once if r["gpu_h"] is not None)
+    lines.append(f"| all three (shared stages once) | {gh:,.0f} | {sum(r['disk_gb'] for r in once):,.1f} |")
+    missing = sorted({f"{r['stage']} {r['entry']}" for r in rows if r["gpu_h"] is None})
+    if missing:
+        lines += ["", f"Not in the sums (not measured): {', '.join(missing)}."]
     return lines
 
 
@@ -506,16 +515,20 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    cmd = "python benchmarks/resource_plan.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def report(m: dict) -> str:
+        rows = [r for suite in PAPER_SUITES for r in plan_rows(cfg, m, suite)]
+        body = markdown(a, m, rows, cmd.strip())
+        if a.md:
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+            write_markdown_section(Path(a.md), f"{KEY}_{device.type}", f"Resource plan from measurements ({name})", body)
+        return body
+
     with tempfile.TemporaryDirectory() as tmp:
         random_lpips_files(Path(tmp))
-        m = measure(a, device)
-    rows = [r for suite in PAPER_SUITES for r in plan_rows(cfg, m, suite)]
-    cmd = "python benchmarks/resource_plan.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    body = markdown(a, m, rows, cmd.strip())
-    print(body)
-    if a.md:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        write_markdown_section(Path(a.md), f"{KEY}_{device.type}", f"Resource plan from measurements ({name})", body)
+        m = measure(a, device, report)
+    print(report(m))
     return 0
 
 
