@@ -182,6 +182,26 @@ def generator_step(a, device: torch.device, name: str, preset: str, batch: int) 
             "peak_gib": r.get("peak_mem_gib"), "params": r["params"], "mfu": r["mfu"], "seq_len": r["seq_len"]}
 
 
+def reused_row(a, name: str) -> dict | None:
+    """The row of preset ``name`` from ``benchmarks/generator_speed.py --json`` (same step, same sequence, its
+    attention mode and batch) instead of measuring it again; None when not given or not there."""
+    if not a.reuse_json or not Path(a.reuse_json).is_file():
+        return None
+    import json
+
+    try:
+        data = json.loads(Path(a.reuse_json).read_text())
+    except ValueError:  # empty or cut short (generator_speed.py failed or timed out): measure here
+        return None
+    for r in data.get("rows", []) if isinstance(data, dict) else []:
+        if r.get("preset") == name and r.get("mode") == a.attention:
+            return {"part": "train_generator", "preset": name, "what": f"{name}, {r['seq_len']} tokens, {r['precision']}, "
+                    f"{r['mode']}, AdamW (generator_speed.py's row)", "batch": r["batch"], "step_s": r["step_s"],
+                    "samples_s": r["batch"] / r["step_s"], "peak_gib": r.get("peak_mem_gib"), "params": r["params"],
+                    "mfu": r["mfu"], "seq_len": r["seq_len"], "oom": []}
+    return None
+
+
 def sampling_tasks(a) -> dict[str, TaskLayout]:
     grid, W = tuple(a.grid), a.grid[2]
     text = tuple(tuple(v) for v in ucf101_text_ids().values())
@@ -260,17 +280,17 @@ def measure(a, device: torch.device, report=lambda m: None) -> dict:
     m["i3d"] = i3d_rate(a, device)
     print(m["i3d"], flush=True)
     m["generators"] = {n: {"preset": n, "batch": None, "oom": [], "skipped": True} for n in ("base", "xl", "3b")}
-    for name, preset in zip(("base", "xl", "3b"), a.gen_presets):
+    for name, preset in zip(("base", "3b", "xl"), a.gen_presets):  # 3B before xl: whether it fits matters most
         report(m)
-        if a.budget and time.perf_counter() - t0 > a.budget:
-            m["generators"][name] = {"preset": name, "batch": None, "oom": [], "skipped": True}
+        reused = reused_row(a, name)
+        if reused is not None:
+            m["generators"][name] = reused
+        elif a.budget and time.perf_counter() - t0 > a.budget:
             print(f"train_generator {name}: skipped (past the {a.budget} s budget)", flush=True)
-            continue
-        row = halving(a.gen_batch, f"train_generator {name}",
-                      lambda b, name=name, preset=preset: generator_step(a, device, name, preset, b), device)
-        row.setdefault("preset", name)
-        m["generators"][name] = row
-        print(row, flush=True)
+        else:
+            m["generators"][name] = halving(a.gen_batch, f"train_generator {name}", lambda b, name=name, preset=preset:
+                                            generator_step(a, device, name, preset, b), device)
+        print(m["generators"][name], flush=True)
     report(m)
     return m
 
@@ -357,7 +377,8 @@ def plan_rows(cfg, m: dict, suite: str) -> list[dict]:
         ev = cfg.eval_generator[g]
         sec, note = sample_seconds(m, cfg, g)
         n = ev.num_videos * len(ev.seeds)
-        add("eval_generator", g, f"{ev.num_videos:,} videos x {len(ev.seeds)} seeds", n * (sec + per_video_s), note)
+        enc = 1 / codec["encode_cps"] if e.task == "frame_pred" else 0.0  # the context clip (17 frames: an upper bound)
+        add("eval_generator", g, f"{ev.num_videos:,} videos x {len(ev.seeds)} seeds", n * (sec + enc + per_video_s), note)
     return rows
 
 
@@ -466,7 +487,8 @@ def markdown(a, m: dict, rows: list[dict], cmd: str) -> str:
              f"/ {VIDEOS['k600']['val']:,} val videos as listed, UCF-101 split 1 {VIDEOS['ucf101']['train']:,} / "
              f"{VIDEOS['ucf101']['test']:,})", "",
              "GPU-hours = work / samples-per-second-per-GPU (training: steps x global batch; eval_generator: videos x "
-             "seeds x (generation + decode + I3D)); wall hours = GPU-hours / the rule's GPUs (dag.py), without "
+             "seeds x (K600: encode the context + generation + decode + I3D)); "
+             "wall hours = GPU-hours / the rule's GPUs (dag.py), without "
              "data-loading, checkpoint or communication time. Disk: uint8 clips (prepare) and token shards (tokenize).",
              "", *plan_table(rows), "",
              f"Suggested `set-resources` for workflow/profiles/slurm/config.yaml (runtime in minutes = the longest "
@@ -489,6 +511,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="flex", choices=["flex", "sdpa"])
     p.add_argument("--budget", type=float, default=None,
                    help="seconds after which the remaining generator parts are skipped (marked in the output)")
+    p.add_argument("--reuse-json", default=None,
+                   help="benchmarks/generator_speed.py --json output: its base row is used instead of measuring base")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: small presets and sizes, 1 step")
     p.add_argument("--md", default=str(ROOT / "results" / "speed.md"), help="'' to write nothing")

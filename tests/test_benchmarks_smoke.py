@@ -72,11 +72,18 @@ def _cells(row: str) -> list[str]:
 
 
 def test_resource_plan_tiny(tmp_path):
+    import json
+
     from nbp.suites import SUITES
 
-    md = tmp_path / "speed.md"
-    _run("resource_plan.py", "--tiny", "--threads", "1", "--md", str(md))
+    md, reuse = tmp_path / "speed.md", tmp_path / "generator_speed.json"
+    row = {"mode": "sdpa", "preset": "base", "batch": 8, "seq_len": 1264, "precision": "bf16", "step_s": 0.5,
+           "params": 1, "mfu": None, "peak_mem_gib": 30.0}  # a generator_speed.py --json row, taken as base's step
+    reuse.write_text(json.dumps({"rows": [row]}))
+    _run("resource_plan.py", "--tiny", "--threads", "1", "--reuse-json", str(reuse), "--md", str(md))
     body = _section(md, "resource_plan_cpu")
+    base = next(_cells(r) for r in body.splitlines() if r.startswith("| train_generator base |"))
+    assert base[2:6] == ["8", "0.5000", "16.00", "30.0"] and "generator_speed.py's row" in base[1]
     parts = [_cells(r)[0] for r in body.splitlines() if r.startswith("| ") and len(_cells(r)) == 7][1:]
     assert parts == ["train_tokenizer", "tokenizer encode", "tokenizer decode", "train_generator base",
                      "train_generator xl", "train_generator 3b", "sampling K600 NBP", "sampling K600 NTP",
