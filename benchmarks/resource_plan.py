@@ -229,7 +229,7 @@ def sampling(a, device: torch.device) -> list[dict]:
             prompt = S.prompt_ids(task, labels=torch.randint(0, len(task.text_ids), (b,), generator=g).to(device))
 
         def gen(task=task, prompt=prompt):
-            S.generate(model, task, prompt, decoder=decoder, **SAMPLED, generator=torch.Generator(device).manual_seed(0))
+            S.generate(model, task, prompt, decoder=decoder, **SAMPLED, generator=torch.Generator(device=device).manual_seed(0))
 
         sec = median_time(gen, device, 1, 1 if "NTP" in name else a.steps)
         steps = S.count_steps(task)
