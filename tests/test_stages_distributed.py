@@ -256,3 +256,59 @@ def test_nothing_but_the_declared_outputs_is_written(runs):
     """Rank 1 writes nothing of its own: the two runs leave the same files (no temporary folders)."""
     one, two = runs
     assert sorted(_files(one)) == sorted(_files(two))
+
+
+def test_shares_are_disjoint_contiguous_and_cover_every_unit():
+    from nbp.distributed import DistInfo, share
+
+    for n in (0, 1, 3, 7, 12):
+        for world in (1, 2, 3, 5):
+            parts = [share(n, DistInfo(rank=r, world_size=world)) for r in range(world)]
+            assert [u for p in parts for u in p] == list(range(n)), (n, world)  # in order, each unit once
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert [len(share(3, DistInfo(rank=r, world_size=2))) for r in range(2)] == [1, 2]
+
+
+def test_batch_randomness_depends_on_seed_and_batch_only():
+    from nbp.generator.evaluate import batch_generator
+
+    def draw(seed, batch):
+        return torch.rand(4, generator=batch_generator(seed, batch, torch.device("cpu")))
+
+    assert torch.equal(draw(3, 5), draw(3, 5))
+    others = [draw(3, 4), draw(4, 5), draw(5, 3)]
+    assert all(not torch.equal(draw(3, 5), o) for o in others)
+
+
+GATHER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import torch
+    from nbp.distributed import gather_rows, init_distributed, sum_over_ranks
+
+    info = init_distributed(torch.device("cpu"))
+    r = info.rank
+    clips = np.full((2 - r, 3, 2, 2, 3), 10 + r, np.uint8)  # rank 0: 2 rows, rank 1: 1
+    codes = np.arange(6, dtype=np.int16).reshape(3, 2) + 100 * r if r else np.empty(0, np.int16)  # rank 0: none
+    feats = np.random.default_rng(r).normal(size=(r + 1, 4)).astype(np.float32)
+    got = [gather_rows(a, info) for a in (clips, codes, feats)]
+    total = sum_over_ranks(np.array([r + 1, 2 * r], dtype=np.int64), info)
+    if r == 0:
+        np.savez(sys.argv[1], clips=got[0], codes=got[1], feats=got[2], total=total)
+""")
+
+
+def test_gather_rows_keeps_rank_order_dtypes_and_empty_ranks(tmp_path):
+    (tmp_path / "gather.py").write_text(GATHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "gather.py"), str(tmp_path / "out.npz")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    assert got["clips"].dtype == np.uint8 and got["clips"].shape == (3, 3, 2, 2, 3)
+    assert got["clips"][:, 0, 0, 0, 0].tolist() == [10, 10, 11]
+    assert got["codes"].dtype == np.int16 and got["codes"].tolist() == [[100, 101], [102, 103], [104, 105]]
+    expect = np.concatenate([np.random.default_rng(r).normal(size=(r + 1, 4)).astype(np.float32) for r in range(2)])
+    assert got["feats"].dtype == np.float32 and got["feats"].tobytes() == expect.tobytes()
+    assert got["total"].tolist() == [3, 2]
