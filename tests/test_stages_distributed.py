@@ -201,6 +201,7 @@ def _metrics(out: Path, stage: str, entry: str, name: str = "metrics.json") -> d
     return json.loads((out / stage / entry / name).read_text().replace(str(out), "<run.out>"))
 
 
+@pytest.mark.slow
 def test_eval_tokenizer_two_ranks_equal_one(runs):
     one, two = runs
     a, b = _metrics(one, "eval_tokenizer", "embedded"), _metrics(two, "eval_tokenizer", "embedded")
@@ -213,6 +214,7 @@ def test_eval_tokenizer_two_ranks_equal_one(runs):
     _same_frames(one / "eval_tokenizer" / "embedded" / "recon.mp4", two / "eval_tokenizer" / "embedded" / "recon.mp4")
 
 
+@pytest.mark.slow
 def test_tokenize_two_ranks_write_byte_identical_shards(runs):
     one, two = runs
     fa, fb = _files(one / "tokenize" / "embedded"), _files(two / "tokenize" / "embedded")
@@ -228,6 +230,7 @@ def test_tokenize_two_ranks_write_byte_identical_shards(runs):
     assert _untimed(ma) == _untimed(mb)
 
 
+@pytest.mark.slow
 def test_real_stats_two_ranks_equal_one(runs):
     one, two = runs
     for f in ("stats.npz", "features.npy"):
@@ -235,6 +238,7 @@ def test_real_stats_two_ranks_equal_one(runs):
     assert _metrics(two, "real_stats", "embedded", "meta.json")["world_size"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["embedded_nbp", "embedded_ntp"])
 def test_eval_generator_two_ranks_equal_one(runs, entry):
     """The same gFVD per seed (and untrained baseline), the same sample grid: each batch's samples depend only on
@@ -252,6 +256,7 @@ def test_eval_generator_two_ranks_equal_one(runs, entry):
     _same_frames(one / "eval_generator" / entry / "samples.mp4", two / "eval_generator" / entry / "samples.mp4")
 
 
+@pytest.mark.slow
 def test_nothing_but_the_declared_outputs_is_written(runs):
     """Rank 1 writes nothing of its own: the two runs leave the same files (no temporary folders)."""
     one, two = runs
@@ -298,6 +303,7 @@ GATHER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_gather_rows_keeps_rank_order_dtypes_and_empty_ranks(tmp_path):
     (tmp_path / "gather.py").write_text(GATHER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
