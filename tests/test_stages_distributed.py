@@ -318,3 +318,14 @@ def test_gather_rows_keeps_rank_order_dtypes_and_empty_ranks(tmp_path):
     expect = np.concatenate([np.random.default_rng(r).normal(size=(r + 1, 4)).astype(np.float32) for r in range(2)])
     assert got["feats"].dtype == np.float32 and got["feats"].tobytes() == expect.tobytes()
     assert got["total"].tolist() == [3, 2]
+
+
+def test_eval_tokenizer_names_num_videos_when_it_is_below_two(tmp_path):
+    from nbp.config import ConfigError, load_config
+    from nbp.tokenizer.evaluate import run_eval_tokenizer
+
+    build_upstream(tmp_path / "out")
+    cfg = load_config(REPO / "params.yaml", {**overrides(tmp_path / "out"), "eval_tokenizer.embedded.num_videos": 1})
+    with pytest.raises(ConfigError, match=r"eval_tokenizer\.embedded\.num_videos: 1: rFVD needs at least 2"):
+        run_eval_tokenizer(cfg, "embedded")
+    assert not (tmp_path / "out" / "eval_tokenizer").exists()

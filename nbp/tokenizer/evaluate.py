@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nbp import dag
-from nbp.config import Config
+from nbp.config import Config, ConfigError
 from nbp.data.clips import ClipCache
 from nbp.data.video_io import video_grid, write_video
 from nbp.distributed import DistInfo, barrier, gather_rows, init_distributed, resolve_device, share, sum_over_ranks, sync
@@ -106,8 +106,10 @@ def run_eval_tokenizer(cfg: Config, name: str, paths: dag.StagePaths | None = No
     model = load_tokenizer(tok_path, device)
     val = ClipCache(clips, "val")
     n = min(ecfg.num_videos, len(val))
-    if n < 2:
+    if len(val) < 2:
         raise NbpError(f"{clips}/val: {len(val)} clips, rFVD needs at least 2")
+    if n < 2:
+        raise ConfigError(f"eval_tokenizer.{name}.num_videos", f"{ecfg.num_videos}: rFVD needs at least 2", cfg.params_file)
     T, H, W = val.shape
     i3d = fvd.get_i3d(weights, device)
     lpips_folder = paths.inputs.get("lpips")  # fetch_lpips's files, when it fetched them (env vars override)
