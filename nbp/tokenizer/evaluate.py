@@ -77,8 +77,9 @@ def eval_share(model, i3d, val: ClipCache, n: int, batch_size: int, shown: np.nd
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ROWS}
     seconds = np.zeros(2)
     starts = range(0, n, batch_size)
-    bar = progress(total=n, desc=desc, unit="clip")
-    for lo in (starts[i] for i in share(len(starts), info)):
+    mine = [starts[i] for i in share(len(starts), info)]
+    bar = progress(total=sum(min(batch_size, n - lo) for lo in mine), desc=desc, unit="clip")
+    for lo in mine:
         real_u8 = val.batch(np.arange(lo, min(n, lo + batch_size)))  # uint8 [B, T, H, W, 3]
         b = eval_batch(model, i3d, real_u8, device, lpips_folder, with_lpips)
         counts += np.bincount(b["codes"], minlength=model.vocab_size)
