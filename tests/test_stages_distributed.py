@@ -329,3 +329,37 @@ def test_eval_tokenizer_names_num_videos_when_it_is_below_two(tmp_path):
     with pytest.raises(ConfigError, match=r"eval_tokenizer\.embedded\.num_videos: 1: rFVD needs at least 2"):
         run_eval_tokenizer(cfg, "embedded")
     assert not (tmp_path / "out" / "eval_tokenizer").exists()
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_other_seed_other_samples(runs, tmp_path):
+    """Issue 13 item 8: a second one-process run with the same seed gives the same metrics JSON, key for key and
+    value for value, except the keys that hold a measured time or the hardware (TIMING), and byte-identical sample
+    grids; another ``run.seed`` (other labels drawn) with other eval seeds gives other samples and other gFVDs."""
+    one, _ = runs
+    env = {**os.environ, **_lpips_weights(tmp_path / "lpips"), "OMP_NUM_THREADS": "1", "NBP_PROGRESS": "0",
+           "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    stages = ["eval_tokenizer:embedded", "eval_generator:embedded_nbp"]
+    again, other = tmp_path / "again" / "out", tmp_path / "other" / "out"
+    for out in (again, other):
+        build_upstream(out)
+        (out / "real_stats").mkdir()
+        os.symlink(one / "real_stats" / "embedded", out / "real_stats" / "embedded")
+    assert run_stages(again, env, 1, stages).returncode == 0
+    for stage, entry in (("eval_tokenizer", "embedded"), ("eval_generator", "embedded_nbp")):
+        a, b = _metrics(one, stage, entry), _metrics(again, stage, entry)
+        assert json.dumps(_untimed(a), sort_keys=True) == json.dumps(_untimed(b), sort_keys=True), stage
+        assert set(a) - set(_untimed(a)) == set(b) - set(_untimed(b)) and len(_untimed(a)) > 10
+        gif = {"eval_tokenizer": "recon.gif", "eval_generator": "samples.gif"}[stage]
+        assert (one / stage / entry / gif).read_bytes() == (again / stage / entry / gif).read_bytes(), stage
+
+    script = other.parent / "runner.py"
+    script.write_text(RUNNER)
+    o = {**overrides(other), "run.seed": 7, "eval_generator.embedded_nbp.seeds": [3, 4, 5]}
+    res = subprocess.run([sys.executable, str(script), str(REPO / "params.yaml"), json.dumps(o), "eval_generator:embedded_nbp"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=other.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, c = _metrics(one, "eval_generator", "embedded_nbp"), _metrics(other, "eval_generator", "embedded_nbp")
+    assert not set(a["gfvd_per_seed"]) & set(c["gfvd_per_seed"])
+    assert (one / "eval_generator" / "embedded_nbp" / "samples.gif").read_bytes() != \
+        (other / "eval_generator" / "embedded_nbp" / "samples.gif").read_bytes()
