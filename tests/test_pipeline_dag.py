@@ -166,7 +166,7 @@ def test_launcher_commands():
     assert dag.launcher("train_generator", 4) == "torchrun --standalone --nproc_per_node=4 -m nbp"
     assert dag.launcher("eval_generator", 8) == "nbp"  # evaluation is one process
     multi = dag.launcher("train_tokenizer", 8, nodes=2)
-    assert multi.startswith("srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
+    assert multi.startswith("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
     assert multi.endswith(" -m nbp")
 
 
