@@ -14,8 +14,9 @@ import time
 
 import pytest
 import torch
-from pipeline_helpers import env, model_weights, run, set_params, snakemake, tiny_repo
+from pipeline_helpers import copy_repo, env, model_weights, run, set_params, snakemake
 from slurm_cluster import SlurmCluster, slurm_installed
+from test_generator_train import make_shards
 
 from nbp.generator.model import GPT, GPTConfig
 
@@ -28,6 +29,9 @@ TRAIN = {"steps": 24, "batch_size": 8, "grad_accum": 1, "dropout": 0.0, "cond_dr
 # Adam divides by sqrt(v): float-rounding differences of near-zero gradients (gloo's all-reduce sums in another
 # order than one process's batch) come out as weight differences well above the rounding itself
 ATOL = RTOL = 1e-4
+# the README's multi-node launcher for 2 nodes x 1 process
+LAUNCH = ("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=1 --rdzv_id=$SLURM_JOB_ID "
+          "--rdzv_backend=c10d --rdzv_endpoint=$(hostname):$((29500 + SLURM_JOB_ID % 1000)) -m nbp")
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +55,13 @@ def test_two_node_cluster_runs_one_task_per_node(cluster):
 
 
 def _repo(tmp_path):
-    repo = tiny_repo(tmp_path / "repo")
-    set_params(repo / "params.yaml", {"run.generators": [ENTRY], **{f"train_generator.{ENTRY}.{k}": v for k, v in TRAIN.items()}})
+    """A committed copy of the repository whose run selects one generator, and that entry's token shards (written
+    directly in the tokenize format, as tests/test_generator_train.py does: no tokenizer needed)."""
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo / "params.yaml", {"run.generators": [ENTRY], "run.wandb.mode": "disabled",
+                                      **{f"train_generator.{ENTRY}.{k}": v for k, v in TRAIN.items()}})
     run(["git", "commit", "-qam", "multi-node test params"], repo)
-    run([sys.executable, "-m", "snakemake", "-c2", "--until", "tokenize"], repo, timeout=600)  # the token shards, locally
+    make_shards(repo / "out")
     return repo
 
 
@@ -77,7 +84,10 @@ def _job_nodes(cluster, output: str) -> tuple[str, tuple[str, str]]:
 def test_train_generator_on_two_nodes_equals_one_process(cluster, tmp_path, record_property):
     repo = _repo(tmp_path)
     t0 = time.monotonic()
-    res = snakemake(["--profile", "workflow/profiles/slurm-cpu-multinode", "--until", "train_generator"], repo, check=False,
+    # only this stage, on the shards already there (the way to rerun one stage of a DAG whose inputs exist)
+    target = f"out/train_generator/{ENTRY}/generator.pt"
+    res = snakemake(["--profile", "workflow/profiles/slurm-cpu-multinode", target, "--allowed-rules", "train_generator"], repo,
+                    check=False,
                     timeout=600, SLURM_CONF=cluster.env["SLURM_CONF"], OMP_NUM_THREADS="1",
                     PATH=f"{cluster.dir / 'bin'}{os.pathsep}{env()['PATH']}")
     record_property("two_node_run_s", round(time.monotonic() - t0, 1))
@@ -87,9 +97,7 @@ def test_train_generator_on_two_nodes_equals_one_process(cluster, tmp_path, reco
     # the job ran the README's multi-node launcher (the job's own Slurm log), as one job on both nodes
     jobid, nodes = _job_nodes(cluster, output)
     job_log = (repo / ".snakemake" / "slurm_logs" / "rule_train_generator" / ENTRY / f"{jobid}.log").read_text()
-    assert re.search(r"^Shell command: srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=1 "
-                     r"--rdzv_id=\$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint=\$\(hostname\):\S+ "
-                     rf"-m nbp train_generator {ENTRY} ", job_log, re.M), job_log[-4000:]
+    assert f"\nShell command: {LAUNCH} train_generator {ENTRY} > logs/" in job_log, job_log[-4000:]
     assert nodes == ("2", "n[1-2]")
     # two ranks, one on each node, joined one process group (c10d hands out the ranks in arrival order)
     ranks = dict(re.findall(r"^rank (\d) of 2 \(local rank 0\) on node (\S+)$", log.read_text(), re.M))
@@ -104,9 +112,10 @@ def test_train_generator_on_two_nodes_equals_one_process(cluster, tmp_path, reco
     init = _initial_weights(out / "generator.pt")
     moved = max((one[k] - v).abs().max().item() for k, v in init.items())
     record_property("max_abs_diff", diff)
+    record_property("max_abs_change_from_init", moved)
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
-    assert moved > 100 * ATOL, moved  # the steps moved the weights far beyond the tolerance
+    assert moved > 20 * ATOL, moved  # the steps moved the weights far beyond the tolerance
 
 
 def _initial_weights(generator_pt) -> dict:
