@@ -147,6 +147,11 @@ class SlurmCluster:
         return "\n".join(out)
 
     def stop(self) -> None:
+        if self.pids:  # a job left by a failed or timed-out test ends with the cluster (its steps outlive slurmd)
+            jobs = self.run(["squeue", "-h", "-o", "%i"], timeout=30).stdout.split()
+            if jobs:
+                self.run(["scancel", *jobs], timeout=30)
+                time.sleep(2)
         for pidfile in reversed(self.pids):  # slurmd(s), slurmctld, munged
             try:
                 pid = int(pidfile.read_text().split()[0])
