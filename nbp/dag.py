@@ -519,14 +519,17 @@ def launcher(stage: str, gpu: int, nodes: int = 1) -> str:
 
     ``gpu`` is the number of GPUs per node. One node: ``torchrun --standalone``. Several nodes (Slurm
     resources ``nodes`` > 1, ``mpi: srun``): one torchrun per node through ``srun``, rendezvous on the
-    first node of the allocation.
+    first node of the allocation, on a port of the job's own (two jobs may share a first node). srun is given the
+    node count: Snakemake's Slurm executor strips the job's ``SLURM_*`` variables, and srun alone then starts one
+    task on one node (seen on a two-node Slurm: the rendezvous waited for a second torchrun that never came).
     """
     if BY_NAME[stage].launch != "torchrun" or (gpu <= 1 and nodes <= 1):
         return "nbp"
     if nodes <= 1:
         return f"torchrun --standalone --nproc_per_node={gpu} -m nbp"
-    return (f"srun --ntasks-per-node=1 torchrun --nnodes={nodes} --nproc_per_node={max(gpu, 1)} "
-            "--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint=$(hostname):29500 -m nbp")
+    return (f"srun --nodes={nodes} --ntasks-per-node=1 torchrun --nnodes={nodes} --nproc_per_node={max(gpu, 1)} "
+            "--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
+            "--rdzv_endpoint=$(hostname):$((29500 + SLURM_JOB_ID % 1000)) -m nbp")
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,10 @@ def init_distributed(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's node name inside a job step
+    print(f"rank {info.rank} of {info.world_size} (local rank {info.local_rank}) on node {node}", flush=True)
+    return info
 
 
 def cleanup_distributed() -> None:

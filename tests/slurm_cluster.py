@@ -1,8 +1,10 @@
-"""A one-node Slurm cluster on localhost for tests: munged + slurmctld + slurmd, all state in one temporary folder.
+"""A Slurm cluster on localhost for tests: munged + slurmctld + slurmd, all state in one temporary folder.
 
-Recipe and pitfalls: shared/SLURM_TESTING.md. The client commands are wrapped (``<dir>/bin/sbatch`` etc.) so that
-they find the cluster's ``slurm.conf`` even inside a job, where the Snakemake executor strips ``SLURM_*``
-variables before calling ``srun``; nothing is written outside the folder.
+One node by default (the machine's host name, all its cores); ``SlurmCluster(nodes=2)`` runs one slurmd per node
+(``n1``, ``n2``, ...) on its own port, sharing the machine's cores and the loopback address, so a multi-node job's
+``srun`` starts one task per "node". Recipe and pitfalls: shared/SLURM_TESTING.md. The client commands are wrapped
+(``<dir>/bin/sbatch`` etc.) so that they find the cluster's ``slurm.conf`` even inside a job, where the Snakemake
+executor strips ``SLURM_*`` variables before calling ``srun``; nothing is written outside the folder.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={d}/munge/munge.socket.2
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool{per_node}
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd{per_node}.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd{per_node}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -45,9 +47,13 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=300
 EnforcePartLimits=ALL
+{nodes}"""
+ONE_NODE = """\
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
+NODE = ("NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} Sockets=1 CoresPerSocket={cpus} "
+        "ThreadsPerCore=1 RealMemory={mem} State=UNKNOWN\n")
 
 
 def slurm_installed() -> bool:
@@ -67,11 +73,22 @@ def _exe(name: str) -> str:
 class SlurmCluster:
     """Start with :meth:`start`, use :attr:`env` for client commands, end with :meth:`stop`."""
 
-    def __init__(self):
+    def __init__(self, nodes: int = 1):
         self.dir = Path(tempfile.mkdtemp(prefix="nbp-slurm-", dir="/tmp"))  # short: unix socket paths <= 108 chars
         self.conf = self.dir / "slurm.conf"
         self.env = dict(os.environ)
         self.pids: list[Path] = []
+        self.host = socket.gethostname().split(".")[0]
+        self.nodes = [self.host] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
+
+    def _node_lines(self, mem: int) -> str:
+        cpus = os.cpu_count() or 2
+        if len(self.nodes) == 1:
+            return ONE_NODE.format(host=self.host, cpus=cpus, mem=mem)
+        share = max(1, cpus // len(self.nodes))  # the nodes share the machine's cores and memory
+        lines = [NODE.format(name=n, host=self.host, port=_free_port(), cpus=share, mem=mem // len(self.nodes))
+                 for n in self.nodes]
+        return "".join(lines) + f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP\n"
 
     def _write_files(self) -> None:
         d = self.dir
@@ -81,9 +98,9 @@ class SlurmCluster:
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
         avail_mb = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemAvailable"))) // 1024
-        host = socket.gethostname().split(".")[0]
-        self.conf.write_text(SLURM_CONF.format(host=host, d=d, cpus=os.cpu_count() or 2, mem=max(2000, int(avail_mb * 0.5)),
-                                               ctld_port=_free_port(), d_port=_free_port()))
+        mem = max(2000 * len(self.nodes), int(avail_mb * 0.5))
+        self.conf.write_text(SLURM_CONF.format(host=self.host, d=d, ctld_port=_free_port(), d_port=_free_port(),
+                                               per_node="" if len(self.nodes) == 1 else "%n", nodes=self._node_lines(mem)))
         for c in CLIENTS:  # clients that find this cluster's config even without SLURM_CONF (inside jobs)
             real = shutil.which(c)
             if real:
@@ -106,16 +123,19 @@ class SlurmCluster:
                       f"--pid-file={m / 'munged.pid'}", f"--log-file={self.dir / 'log' / 'munged.log'}",
                       f"--seed-file={m / 'munged.seed'}"], m / "munged.pid")
         self._daemon([_exe("slurmctld"), "-f", str(self.conf)], self.dir / "slurmctld.pid")
-        self._daemon([_exe("slurmd"), "-f", str(self.conf)], self.dir / "slurmd.pid")
+        several = len(self.nodes) > 1
+        for n in self.nodes:  # one slurmd per node name; the config's %n gives each its own spool, pid and log
+            self._daemon([_exe("slurmd"), "-f", str(self.conf), *(["-N", n] if several else [])],
+                         self.dir / (f"slurmd{n}.pid" if several else "slurmd.pid"))
         end = time.time() + timeout
         state = ""
         while time.time() < end:
-            res = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            res = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
             state = res.stdout.strip()
-            if state == "idle":
+            if sorted(state.splitlines()) == sorted(f"{n} idle" for n in self.nodes):
                 return self
             time.sleep(0.3)
-        raise RuntimeError(f"slurm node not idle after {timeout}s (state {state!r})\n{self.logs()}")
+        raise RuntimeError(f"slurm nodes not idle after {timeout}s (state {state!r})\n{self.logs()}")
 
     def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, **kw)
@@ -127,7 +147,12 @@ class SlurmCluster:
         return "\n".join(out)
 
     def stop(self) -> None:
-        for pidfile in reversed(self.pids):  # slurmd, slurmctld, munged
+        if self.pids:  # a job left by a failed or timed-out test ends with the cluster (its steps outlive slurmd)
+            jobs = self.run(["squeue", "-h", "-o", "%i"], timeout=30).stdout.split()
+            if jobs:
+                self.run(["scancel", *jobs], timeout=30)
+                time.sleep(2)
+        for pidfile in reversed(self.pids):  # slurmd(s), slurmctld, munged
             try:
                 pid = int(pidfile.read_text().split()[0])
                 os.kill(pid, signal.SIGTERM)

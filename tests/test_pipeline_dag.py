@@ -169,7 +169,7 @@ def test_launcher_commands():
         assert dag.launcher(stage, 1) == "nbp"  # one GPU (a workstation): one process
     assert dag.launcher("prepare", 8) == dag.launcher("tables", 4) == "nbp"  # not torchrun-launchable
     multi = dag.launcher("train_tokenizer", 8, nodes=2)
-    assert multi.startswith("srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
+    assert multi.startswith("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
     assert multi.endswith(" -m nbp")
 
 

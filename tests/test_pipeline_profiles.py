@@ -92,7 +92,7 @@ def test_multi_node_override(paper_params):
     jobs = snakemake_dag([*PROFILE, "--configfile", str(paper_params), "--set-resources",
                           "train_generator:nodes=2", "train_generator:gpus_per_node=8", "train_generator:gpu=0"])
     shell = strip_log(jobs["train_generator@k600_base_nbp16"]["shell"])
-    assert shell.startswith("srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID ")
+    assert shell.startswith("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID ")
     assert shell.endswith("-m nbp train_generator k600_base_nbp16")
 
 
