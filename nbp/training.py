@@ -40,7 +40,7 @@ from nbp.checkpoint import load_checkpoint, save_checkpoint
 from nbp.dag import StagePaths
 from nbp.distributed import DistInfo, sync
 from nbp.errors import NbpError
-from nbp.io import atomic_dir, write_json
+from nbp.io import atomic_dir, fault, write_json
 from nbp.tracking import Tracker, progress
 
 # params that cannot change what a run computes: a rolling checkpoint made with other values is still resumed
@@ -285,6 +285,7 @@ def fit(training: Training, cadence: Cadence, ckpt_dir: Path, wandb: dict, stop_
                 t0 = time.perf_counter()
                 values = training.train_step(state.step)
                 sync(training.device)
+                fault("step", training.stage)  # test hook: NBP_FAULT=step:<stage>@<n> kills after this process's n-th step
                 dt = time.perf_counter() - t0
                 _check_finite(training, state.step, values, ckpt_dir, last_good)
                 state.step += 1
