@@ -125,12 +125,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def _swap(new: Path, path: Path) -> None:
     """Put the folder ``new`` at ``path``; a kill in between leaves no folder there (never a mix of old and new)."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():  # what a kill between the two renames below left
+        shutil.rmtree(old)
     if not path.exists():
         os.replace(new, path)
         return
-    old = path.with_name(f".{path.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
     os.replace(path, old)
     fault("swapped-out", path)
     os.replace(new, path)
