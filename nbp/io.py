@@ -4,8 +4,9 @@ A killed stage leaves either no output or the previous one, never a half-written
 DVC or Snakemake would take as done. A write that fails (full disk, read-only or forbidden folder) ends in one
 :class:`NbpError` line naming the target and saying that its previous version is untouched; the temporary is removed.
 
-Test hook (does nothing unless the environment variable is set): ``NBP_FAULT=<point>:<file name>[@<n>]`` SIGKILLs
-the process the n-th time (default: first) ``point`` is reached for a target of that name (see :func:`fault`).
+Test hook (does nothing unless the environment variable is set): ``NBP_FAULT=<point>:<name>[@<n>]`` SIGKILLs the
+process the n-th time (default: first) ``point`` is reached for a target of that name or path ending (``last.pt``,
+``prepare/embedded``; see :func:`fault`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def fault(point: str, path: str | Path, tmp: Path | None = None) -> None:
     if not spec:
         return
     want, _, nth = spec.partition("@")
-    if want != f"{point}:{Path(path).name}":
+    kind, _, name = want.partition(":")
+    if kind != point or not (name == Path(path).name or str(path).endswith(f"/{name}")):
         return
     _FAULTS_SEEN[want] = _FAULTS_SEEN.get(want, 0) + 1
     if _FAULTS_SEEN[want] != int(nth or 1):

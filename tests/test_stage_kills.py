@@ -89,3 +89,33 @@ def test_tables_killed_between_two_tables_leaves_no_receipt(tmp_path):
     assert not receipt.exists()  # so the stage is not done for DVC (missing output) nor for Snakemake
     subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True)
     assert receipt.is_file() and "25.2" in (results / "tokenizer.md").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# the verdicts of DVC and Snakemake on a real tiny repository (prepare: a folder output written by atomic_dir)
+
+
+@pytest.mark.slow
+def test_prepare_killed_midway_is_not_done_for_dvc_nor_snakemake(tmp_path):
+    from pipeline_helpers import dvc, ran_dvc, ran_snakemake, run, set_params, snakemake, tiny_repo
+
+    repo = tiny_repo(tmp_path / "repo")
+    dvc(["repro", "prepare@embedded"], repo)
+    cache = repo / "out" / "prepare" / "embedded"
+    old = (cache / "train" / "clips.npy").read_bytes()
+    set_params(repo / "params.yaml", {"prepare.embedded.train_clips_per_video": 2})  # prepare must run again
+    r = run(["nbp", "prepare", "embedded"], repo, check=False, NBP_FAULT="swapped-out:prepare/embedded")
+    assert r.returncode == -signal.SIGKILL and not cache.exists()  # killed between moving the old out and the new in
+    assert "prepare@embedded" in dvc(["status", "prepare@embedded"], repo).stdout  # not done: DVC lists it
+    res = dvc(["repro", "prepare@embedded"], repo)
+    assert ran_dvc(res.stdout) == {"prepare@embedded"} and (cache / "train" / "clips.npy").read_bytes() != old
+    assert "up to date" in dvc(["status", "prepare@embedded"], repo).stdout
+
+    shutil.rmtree(repo / "out")  # Snakemake on its own, from scratch: the prepare job is killed while it swaps in
+    r = snakemake(["-c1", str(cache.relative_to(repo))], repo, check=False, NBP_FAULT="swap:prepare/embedded")
+    assert r.returncode != 0 and not cache.exists(), r.stdout[-2000:] + r.stderr[-2000:]
+    plan = snakemake(["-n", "--rerun-incomplete", str(cache.relative_to(repo))], repo)
+    assert ran_snakemake(plan.stdout) == {"prepare@embedded"}, plan.stdout[-2000:]  # download is done, prepare not
+    snakemake(["-c1", "--rerun-incomplete", str(cache.relative_to(repo))], repo)
+    assert (cache / "train" / "clips.npy").is_file()
+    assert ran_snakemake(snakemake(["-n", str(cache.relative_to(repo))], repo).stdout) == set()
