@@ -143,6 +143,8 @@ def allocate(path: str | Path) -> None:
     """Reserve the disk blocks of a file that ``np.lib.format.open_memmap`` just made (sparse): a full disk then fails
     here with OSError (ENOSPC), reported by the enclosing atomic write, not later as a SIGBUS inside a memory-mapped
     write (a killed process with no message)."""
+    if not hasattr(os, "posix_fallocate"):  # not on macOS
+        return
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
