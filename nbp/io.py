@@ -73,10 +73,17 @@ def _write_failed(e: OSError, path: Path, tmp: Path | None) -> bool:
             or (tmp is not None and where.is_relative_to(tmp)))
 
 
-def _write_error(e: OSError, path: Path, previous: bool) -> NbpError:
-    kept = f"the previous {path.name} is intact" if previous else f"no {path.name} was written"
-    why = os.strerror(e.errno) if e.errno else f"short write, {e}: is the disk full?"
-    return NbpError(f"{path}: cannot write ({why}); {kept}")
+class WriteError(NbpError):
+    """A write that the machine refused (full disk, read-only or forbidden folder); ``path``: the target."""
+
+    def __init__(self, path: Path, why: str, previous: bool):
+        kept = f"the previous {path.name} is intact" if previous else f"no {path.name} was written"
+        super().__init__(f"{path}: cannot write ({why}); {kept}")
+        self.path, self.why = path, why
+
+
+def _write_error(e: OSError, path: Path, previous: bool) -> WriteError:
+    return WriteError(path, os.strerror(e.errno) if e.errno else f"short write, {e}: is the disk full?", previous)
 
 
 @contextlib.contextmanager
@@ -116,6 +123,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         fault("swap", path)
         _swap(tmp, path)
+    except WriteError as e:  # a file of the new folder: the folder is what the user knows
+        if tmp is not None and e.path.is_relative_to(tmp):
+            raise WriteError(path, f"{e.path.name}: {e.why}", previous) from None
+        raise
     except OSError as e:
         if _write_failed(e, path, tmp):
             raise _write_error(e, path, previous) from None

@@ -213,6 +213,10 @@ def _start_over(training: Training, ckpt_dir: Path, stale: list[str]) -> None:
 def resume(training: Training, ckpt_dir: Path) -> LoopState:
     """The loop state of a resumable rolling checkpoint (applied to the training), or a fresh one."""
     mine = json.loads(json.dumps(training.describe()))  # as run.json holds it
+    if training.info.is_main and ckpt_dir.is_dir():  # what a kill inside a checkpoint write left (nbp.io.atomic_path)
+        for tmp in ckpt_dir.glob(".*.tmp"):
+            tmp.unlink()
+    barrier(training.info)
     run_file = ckpt_dir / "run.json"
     if run_file.is_file() and (stale := stale_keys(json.loads(run_file.read_text()), mine)):
         _start_over(training, ckpt_dir, stale)

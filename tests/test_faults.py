@@ -111,6 +111,12 @@ def test_metrics_and_token_shards_on_a_full_disk_keep_the_previous_outputs(tmp_p
         assert one_line(e).startswith(f"{fs / 'tokens'}: cannot write (short write, ")  # numpy's OSError has no errno
         assert str(e.value).endswith("is the disk full?); the previous tokens is intact")
         assert (fs / "tokens" / "train" / "tokens.npy").read_bytes() == before
+        with pytest.raises(NbpError) as e:  # a file of a folder output (metrics.json of an evaluation): the folder
+            with atomic_dir(fs / "tokens") as tmp:
+                write_json(tmp / "meta.json", {"pad": "x" * (64 << 10)})
+        assert one_line(e) == (f"{fs / 'tokens'}: cannot write (meta.json: No space left on device); the previous tokens "
+                               "is intact")
+        assert (fs / "tokens" / "train" / "tokens.npy").read_bytes() == before
         assert sorted(p.name for p in fs.iterdir()) == ["filler", "metrics.json", "tokens"]  # no temporary left
 
 

@@ -78,6 +78,7 @@ def kill_chain(cmd: list[str], env: dict, faults: list[str], state: Path, output
         assert not at or step >= at[-1], (spec, at, step)  # a kill never loses a checkpoint already written
         at.append(step)
     assert nbp(cmd, env) == 0
+    assert not list(state.glob(".*.tmp"))  # the half-written temporaries of the killed writes are gone
     return at
 
 
