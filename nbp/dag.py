@@ -125,7 +125,7 @@ class Stage:
     plots: Mapping[str, tuple[str, dict]] = field(default_factory=dict)
     data_files: tuple[str, ...] = ()  # files other than Python modules the code reads (repo-relative)
     cache: bool = True  # DVC caches the outs (False: data folders too large to copy into .dvc/cache)
-    launch: str = "single"  # "torchrun": may run on several GPUs (training)
+    launch: str = "single"  # "torchrun": may run on several GPUs (training; sharded evaluation and tokenization)
     root: str = "run.out"  # params key of the folder the outputs live under
     state: str = "checkpoints/{stage}/{entry}"  # rolling state (resumable work) under run.out, outside the outputs
     options: tuple[tuple[str, str], ...] = ()  # extra CLI flags: (flag, help), passed as keyword arguments
@@ -163,7 +163,7 @@ STAGES: tuple[Stage, ...] = (
           (Upstream("source", "download"),), ("prepare.{entry}",), cache=False),
     Stage("real_stats", "datasets", "nbp.metrics.real_stats:run_real_stats",
           "I3D feature statistics of real clips (FVD reference)",
-          (Upstream("clips", "prepare"), _DETECTOR), ("real_stats.{entry}",)),
+          (Upstream("clips", "prepare"), _DETECTOR), ("real_stats.{entry}",), launch="torchrun"),
     Stage("train_tokenizer", "tokenizers", "nbp.tokenizer.train:run_train_tokenizer", "train (or import) a video tokenizer",
           (Upstream("clips", "prepare", **_PREP), _DETECTOR, _LPIPS), ("train_tokenizer.{entry}",),
           outs={"tokenizer": "tokenizer.pt"}, metrics={"metrics": "metrics.json"},
@@ -172,10 +172,10 @@ STAGES: tuple[Stage, ...] = (
           "rFVD, PSNR, SSIM, LPIPS, codebook usage of a tokenizer",
           (Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",)), Upstream("clips", "prepare", **_PREP), _DETECTOR,
            _LPIPS), ("eval_tokenizer.{entry}",), outs={"video": "recon.mp4", "grid": "recon.gif"},
-          metrics={"metrics": "metrics.json"}),
+          metrics={"metrics": "metrics.json"}, launch="torchrun"),
     Stage("tokenize", "tokenizers", "nbp.tokenizer.tokenize:run_tokenize", "encode the clip cache into token shards once",
           (Upstream("tokenizer", "train_tokenizer", ("tokenizer.pt",)), Upstream("clips", "prepare", **_PREP)),
-          ("tokenize.{entry}",), cache=False),
+          ("tokenize.{entry}",), cache=False, launch="torchrun"),
     Stage("train_generator", "generators", "nbp.generator.train:run_train_generator", "train (or import) an NBP/NTP generator",
           (Upstream("tokens", "tokenize", **_TOKENS),), ("train_generator.{entry}",), outs={"generator": "generator.pt"},
           metrics={"metrics": "metrics.json"}, plots={"history": (_HISTORY, {"x": "step", "y": "val_loss"})},
@@ -188,7 +188,7 @@ STAGES: tuple[Stage, ...] = (
            Upstream("real_stats", "real_stats", via=_gen_real_stats, via_key="eval_generator.{entry}.real_stats"),
            Upstream("clips", "prepare", via=_gen_real_clips, via_key="real_stats.<real_stats>.dataset"), _DETECTOR),
           ("eval_generator.{entry}",), outs={"video": "samples.mp4", "grid": "samples.gif"}, metrics={"metrics": "metrics.json"},
-          data_files=("nbp/generator/ucf101_llama_text_ids.tsv",)),
+          data_files=("nbp/generator/ucf101_llama_text_ids.tsv",), launch="torchrun"),
     Stage("tables", None, "nbp.tables:run_tables", "gather metrics into the paper's tables in results/",
           (Upstream("eval_tokenizer", "eval_tokenizer", ("metrics.json", "recon.gif"), fan_in=True),
            Upstream("eval_generator", "eval_generator", ("metrics.json", "samples.gif"), fan_in=True)),
@@ -458,19 +458,21 @@ def code_deps(stage: str, root: Path = ROOT) -> tuple[str, ...]:
 # cluster resources and the multi-GPU launcher
 
 
-# minutes / MiB / cores / GPUs for paper-scale entries; the embedded experiment and tests use SMALL
+# minutes / MiB / cores / GPUs for paper-scale entries; the embedded experiment and tests use SMALL. The sharded
+# stages (real_stats, eval_*, tokenize) ask for 4-8 GPUs; their times are not measured at paper scale (README
+# "Sharded evaluation" gives the estimate eval_generator's is based on)
 SMALL = {"runtime": 30, "mem_mb": 8000, "cpus_per_task": 2, "gpu": 0}
 PAPER: dict[str, dict[str, int]] = {
     "download": {"runtime": 1440, "mem_mb": 8000, "cpus_per_task": 4, "gpu": 0},
     "fetch_detector": {"runtime": 30, "mem_mb": 2000, "cpus_per_task": 1, "gpu": 0},
     "fetch_lpips": {"runtime": 60, "mem_mb": 4000, "cpus_per_task": 1, "gpu": 0},
     "prepare": {"runtime": 1440, "mem_mb": 64000, "cpus_per_task": 16, "gpu": 0},
-    "real_stats": {"runtime": 720, "mem_mb": 64000, "cpus_per_task": 8, "gpu": 1},
+    "real_stats": {"runtime": 360, "mem_mb": 64000, "cpus_per_task": 16, "gpu": 4},
     "train_tokenizer": {"runtime": 4320, "mem_mb": 256000, "cpus_per_task": 32, "gpu": 8},
-    "eval_tokenizer": {"runtime": 720, "mem_mb": 64000, "cpus_per_task": 8, "gpu": 1},
-    "tokenize": {"runtime": 720, "mem_mb": 64000, "cpus_per_task": 8, "gpu": 1},
+    "eval_tokenizer": {"runtime": 360, "mem_mb": 64000, "cpus_per_task": 16, "gpu": 4},
+    "tokenize": {"runtime": 180, "mem_mb": 128000, "cpus_per_task": 32, "gpu": 8},
     "train_generator": {"runtime": 4320, "mem_mb": 256000, "cpus_per_task": 32, "gpu": 8},
-    "eval_generator": {"runtime": 2880, "mem_mb": 64000, "cpus_per_task": 8, "gpu": 1},
+    "eval_generator": {"runtime": 1440, "mem_mb": 128000, "cpus_per_task": 32, "gpu": 8},
     "tables": {"runtime": 10, "mem_mb": 2000, "cpus_per_task": 1, "gpu": 0},
 }
 # larger generators: longer and (3B, DeepSpeed ZeRO) more host memory
@@ -512,7 +514,8 @@ def resources(cfg: Config, stage: str, entry: str | None) -> dict[str, int]:
 
 
 def launcher(stage: str, gpu: int, nodes: int = 1) -> str:
-    """How to start a stage: ``nbp`` (one process), or torchrun for a training stage on several GPUs.
+    """How to start a stage: ``nbp`` (one process), or torchrun for a ``launch="torchrun"`` stage on several GPUs
+    (training, and the sharded real_stats, eval_tokenizer, tokenize and eval_generator).
 
     ``gpu`` is the number of GPUs per node. One node: ``torchrun --standalone``. Several nodes (Slurm
     resources ``nodes`` > 1, ``mpi: srun``): one torchrun per node through ``srun``, rendezvous on the

@@ -53,13 +53,71 @@ def test_generator_speed_tiny_on_cpu(tmp_path):
     assert "| sdpa | tiny | 2 |" in _section(md, "generator_speed_cpu")
 
 
+def test_training_overhead_tiny(tmp_path):
+    md = tmp_path / "speed.md"
+    out = _run("training_overhead.py", "--tiny", "--threads", "1", "--md", str(md))
+    body = _section(md, "training_overhead_cpu")
+    assert "load average before" in out
+    rows = [r for r in body.splitlines() if r.startswith("| train_")]
+    assert [r.split(" | ")[0] for r in rows] == ["| train_tokenizer embedded", "| train_generator embedded_nbp"]
+    for r in rows:  # the pieces add up: loop >= step, and the share is a percentage in [0, 100]
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        loop, step, val = float(cells[2]), float(cells[3]), float(cells[7])
+        assert loop >= step + val - 1e-6 and 0 <= float(cells[8].rstrip("%")) <= 100
+    assert float([c.strip() for c in rows[1].strip("|").split("|")][7]) > 0  # the generator validated
+
+
+def _cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def test_resource_plan_tiny(tmp_path):
+    import json
+
+    from nbp.suites import SUITES
+
+    md, reuse = tmp_path / "speed.md", tmp_path / "generator_speed.json"
+    row = {"mode": "sdpa", "preset": "base", "batch": 8, "seq_len": 1264, "precision": "bf16", "step_s": 0.5,
+           "params": 1, "mfu": None, "peak_mem_gib": 30.0}  # a generator_speed.py --json row, taken as base's step
+    reuse.write_text(json.dumps({"rows": [row]}))
+    _run("resource_plan.py", "--tiny", "--threads", "1", "--reuse-json", str(reuse), "--md", str(md))
+    body = _section(md, "resource_plan_cpu")
+    base = next(_cells(r) for r in body.splitlines() if r.startswith("| train_generator base |"))
+    assert base[2:6] == ["8", "0.5000", "16.00", "30.0"] and "generator_speed.py's row" in base[1]
+    parts = [_cells(r)[0] for r in body.splitlines() if r.startswith("| ") and len(_cells(r)) == 7][1:]
+    assert parts == ["train_tokenizer", "tokenizer encode", "tokenizer decode", "train_generator base",
+                     "train_generator xl", "train_generator 3b", "sampling K600 NBP", "sampling K600 NTP",
+                     "sampling UCF NBP", "i3d"]
+    for r in body.splitlines():  # every part measured: a batch and a positive rate
+        if r.startswith("| ") and _cells(r)[0] in parts:
+            assert int(_cells(r)[2]) >= 1 and float(_cells(r)[4]) > 0, r
+    plan = [_cells(r) for r in body.splitlines() if r.startswith("| ") and len(_cells(r)) == 9][1:]
+    for suite in ("ucf101", "k600", "k600_ablations"):
+        lists = SUITES[suite][1]
+        want = {("prepare", d) for d in lists["datasets"]} | {("real_stats", d) for d in lists["datasets"]}
+        want |= {(s, t) for t in lists["tokenizers"] for s in ("train_tokenizer", "eval_tokenizer", "tokenize")}
+        want |= {(s, g) for g in lists["generators"] for s in ("train_generator", "eval_generator")}
+        got = [(c[1], c[2]) for c in plan if c[0] == suite]
+        assert sorted(got) == sorted(want), suite
+        assert all(float(c[5]) > 0 for c in plan if c[0] == suite and c[1] != "prepare")  # GPU-hours
+    k600_clips = next(c for c in plan if c[:3] == ["k600", "prepare", "k600"])
+    assert float(k600_clips[7]) == pytest.approx(422_000 * 17 * 128 * 128 * 3 / 1e9, rel=1e-3)  # uint8 clip cache
+    assert "3B (" in body and "ZeRO-2 over 8 GPUs" in body
+    yaml_block = body.split("```yaml\n")[1].split("```")[0]
+    import yaml
+
+    res = yaml.safe_load(yaml_block)["set-resources"]
+    assert set(res) == {"real_stats", "train_tokenizer", "eval_tokenizer", "tokenize", "train_generator", "eval_generator"}
+    assert res["train_generator"]["gpu"] == 8 and all(v["runtime"] >= 1 for v in res.values())
+
+
 def test_gpu_script_is_valid_and_its_command_lines_parse():
     import importlib.util
 
     script = ROOT / "benchmarks" / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     mods = {}
-    for name in ("gpu_decode", "sampling_speed"):
+    for name in ("gpu_decode", "sampling_speed", "resource_plan"):
         spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
         mods[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mods[name])

@@ -164,7 +164,10 @@ def test_launcher_commands():
     assert dag.launcher("train_generator", 0) == "nbp"
     assert dag.launcher("train_generator", 1) == "nbp"
     assert dag.launcher("train_generator", 4) == "torchrun --standalone --nproc_per_node=4 -m nbp"
-    assert dag.launcher("eval_generator", 8) == "nbp"  # evaluation is one process
+    assert dag.launcher("eval_generator", 8) == "torchrun --standalone --nproc_per_node=8 -m nbp"  # sharded evaluation
+    for stage in ("real_stats", "eval_tokenizer", "tokenize", "eval_generator"):
+        assert dag.launcher(stage, 1) == "nbp"  # one GPU (a workstation): one process
+    assert dag.launcher("prepare", 8) == dag.launcher("tables", 4) == "nbp"  # not torchrun-launchable
     multi = dag.launcher("train_tokenizer", 8, nodes=2)
     assert multi.startswith("srun --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
     assert multi.endswith(" -m nbp")

@@ -58,10 +58,14 @@ def test_3b_presets_train_with_deepspeed(paper_params, paper_jobs):
 
 
 def test_evaluation_and_data_stages(paper_jobs):
-    for name in ("eval_generator@k600_base_nbp16", "eval_tokenizer@ucf101", "tokenize@k600", "real_stats@k600"):
+    for name, gpu in {"eval_generator@k600_base_nbp16": 8, "eval_generator@ucf_3b_nbp16": 8, "tokenize@k600": 8,
+                      "eval_tokenizer@ucf101": 4, "real_stats@k600": 4}.items():
         job = paper_jobs[name]
-        assert _res(job)["gpu"] == 1, name
-        assert strip_log(job["shell"]).startswith("nbp "), name  # one process
+        assert _res(job)["gpu"] == gpu, name
+        stage, entry = name.split("@")  # sharded over the job's GPUs
+        assert strip_log(job["shell"]) == f"torchrun --standalone --nproc_per_node={gpu} -m nbp {stage} {entry}", name
+    assert _res(paper_jobs["eval_generator@k600_base_nbp16"]) == {"gpu": 8, "mem_mb": 128000, "runtime": 1440,
+                                                                  "cpus_per_task": 32}
     assert _res(paper_jobs["prepare@k600"]) == {"gpu": 0, "mem_mb": 64000, "runtime": 1440, "cpus_per_task": 16}
     # downloads and tables run on the submitting host
     for name in ("download@ucf101", "fetch_detector", "tables"):
@@ -107,4 +111,5 @@ def test_released_suite_imports_without_gpus(tmp_path):
     for name in ("train_tokenizer@released_ucf", "train_generator@released_k600_nbp16"):
         assert _res(jobs[name]) == {"gpu": 0, "mem_mb": 32000, "runtime": 120, "cpus_per_task": 4}, name
         assert strip_log(jobs[name]["shell"]).startswith("nbp "), name
-    assert _res(jobs["eval_generator@released_k600_nbp16"])["gpu"] == 1
+    assert _res(jobs["eval_generator@released_k600_nbp16"])["gpu"] == 8
+    assert strip_log(jobs["eval_generator@released_k600_nbp16"]["shell"]).startswith("torchrun --standalone --nproc_per_node=8 ")

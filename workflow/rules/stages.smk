@@ -1,7 +1,7 @@
 # GENERATED RULES: one rule per stage of the registry in nbp/dag.py, made in the loop below (the same registry
 # generates dvc.yaml). Each rule has the stage's name; its named inputs are the upstream outputs by role (as the
 # stage function receives them) plus `code` (the modules the stage imports); its named outputs are the stage's
-# outputs by role; the command is `nbp <stage> <entry>` (or torchrun/srun for multi-GPU training, see
+# outputs by role; the command is `nbp <stage> <entry>` (or torchrun/srun for multi-GPU training and sharded evaluation, see
 # stage_command), logging to logs/<stage>/<entry>.log. `snakemake -n -p` prints each job with these names.
 # (Directives that Snakemake evaluates at run time, like `shell:`, must not name the loop variable.)
 
