@@ -42,8 +42,20 @@ def code_version() -> str:
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     ckpt = dict(ckpt)
     ckpt.setdefault("code_version", code_version())
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _torch_save(ckpt, f)
+
+
+def _torch_save(obj: Any, f) -> None:
+    """torch.save through a Python file, so that a full disk is the OSError (ENOSPC) that atomic_path reports as one
+    line. torch's zip writer hides it behind "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+    (given a path, that is all there is; given a file, the OSError is the RuntimeError's context)."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def read_torch_file(path: str | Path, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Any:

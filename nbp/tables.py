@@ -424,6 +424,9 @@ def run_tables(cfg: Config, name: str | None = None, paths: dag.StagePaths | Non
     paths = paths or dag.resolve(cfg, "tables", None)
     out = paths.folder
     out.mkdir(parents=True, exist_ok=True)
+    # the files below are written one by one: a kill between two leaves a mix of new and old tables, so the receipt
+    # of the last run goes first (DVC sees its output missing, Snakemake reruns the stage)
+    Path(paths.outputs["receipt"]).unlink(missing_ok=True)
     runs = collect_runs(cfg)
     for key, (title, fn) in TABLES.items():
         _write_table(out, key, title, fn(runs))

@@ -40,7 +40,7 @@ from nbp.checkpoint import load_checkpoint, save_checkpoint
 from nbp.dag import StagePaths
 from nbp.distributed import DistInfo, sync
 from nbp.errors import NbpError
-from nbp.io import atomic_dir, write_json
+from nbp.io import atomic_dir, fault, write_json
 from nbp.tracking import Tracker, progress
 
 # params that cannot change what a run computes: a rolling checkpoint made with other values is still resumed
@@ -213,6 +213,10 @@ def _start_over(training: Training, ckpt_dir: Path, stale: list[str]) -> None:
 def resume(training: Training, ckpt_dir: Path) -> LoopState:
     """The loop state of a resumable rolling checkpoint (applied to the training), or a fresh one."""
     mine = json.loads(json.dumps(training.describe()))  # as run.json holds it
+    if training.info.is_main and ckpt_dir.is_dir():  # what a kill inside a checkpoint write left (nbp.io.atomic_path)
+        for tmp in ckpt_dir.glob(".*.tmp"):
+            tmp.unlink()
+    barrier(training.info)
     run_file = ckpt_dir / "run.json"
     if run_file.is_file() and (stale := stale_keys(json.loads(run_file.read_text()), mine)):
         _start_over(training, ckpt_dir, stale)
@@ -285,6 +289,7 @@ def fit(training: Training, cadence: Cadence, ckpt_dir: Path, wandb: dict, stop_
                 t0 = time.perf_counter()
                 values = training.train_step(state.step)
                 sync(training.device)
+                fault("step", training.stage)  # test hook: NBP_FAULT=step:<stage>@<n> kills after this process's n-th step
                 dt = time.perf_counter() - t0
                 _check_finite(training, state.step, values, ckpt_dir, last_good)
                 state.step += 1

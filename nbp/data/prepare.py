@@ -29,7 +29,7 @@ from nbp.data.clips import MANIFEST_COLUMNS
 from nbp.data.datasets import SUBSETS, VideoRecord, open_dataset
 from nbp.data.video_io import EmptyVideoError, VideoError, VideoTooShortError, probe, read_clip
 from nbp.errors import NbpError
-from nbp.io import atomic_dir, write_json
+from nbp.io import allocate, atomic_dir, write_json
 from nbp.tracking import progress
 
 COPY_ROWS = 256  # clips per copy when compacting the cache after skipped videos
@@ -102,7 +102,8 @@ def _decode_split(videos: list[VideoRecord], folder: Path, spec: ClipSpec, worke
     clips_path = folder / "clips.npy"
     mm = np.lib.format.open_memmap(clips_path, mode="w+", dtype=np.uint8,
                                    shape=(len(videos) * k, spec.frames, spec.size, spec.size, 3))
-    del mm  # allocated; workers open it themselves
+    del mm
+    allocate(clips_path)  # the blocks, not a sparse file: a full disk is one line here, not a SIGBUS in a worker
     tasks = [(i, str(v.path)) for i, v in enumerate(videos)]
     results: dict[int, dict] = {}
     bar = progress(total=len(tasks), desc=desc, unit="video")
@@ -131,6 +132,7 @@ def _compact(folder: Path, ok: list[int], k: int) -> None:
     src = np.load(src_path, mmap_mode="r")
     rows = np.asarray([i * k + j for i in ok for j in range(k)], dtype=np.int64)
     dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=np.uint8, shape=(len(rows), *src.shape[1:]))
+    allocate(dst_path)
     for a in range(0, len(rows), COPY_ROWS):
         dst[a:a + COPY_ROWS] = src[rows[a:a + COPY_ROWS]]
     dst.flush()
