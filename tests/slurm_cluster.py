@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel", "sacct", "sacctmgr")
 SLURM_CONF = """\
 ClusterName=nbptest
@@ -58,6 +60,20 @@ NODE = ("NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs
 
 def slurm_installed() -> bool:
     return all(shutil.which(b) or Path(f"/usr/sbin/{b}").exists() for b in ("slurmctld", "slurmd", "munged"))
+
+
+def running_cluster(nodes: int = 1):
+    """A pytest fixture body: a started :class:`SlurmCluster`, stopped afterwards. Without Slurm the test fails
+    under CI (``.ci/run`` installs it) and is skipped elsewhere."""
+    if not slurm_installed():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI: slurmctld/slurmd/munged are not installed (.ci/run apt-installs slurm-wlm slurmctld slurmd munge)")
+        pytest.skip("Slurm is not installed (apt-get install slurm-wlm slurmctld slurmd slurm-client munge); CI runs this")
+    c = SlurmCluster(nodes=nodes)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from pipeline_helpers import copy_repo, env, model_weights, run, set_params, snakemake
-from slurm_cluster import SlurmCluster, slurm_installed
+from slurm_cluster import running_cluster
 from test_generator_train import make_shards
 
 from nbp.generator.model import GPT, GPTConfig
@@ -36,15 +36,7 @@ LAUNCH = ("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_no
 
 @pytest.fixture(scope="module")
 def cluster():
-    if not slurm_installed():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI: slurmctld/slurmd/munged are not installed (.ci/run apt-installs slurm-wlm slurmctld slurmd munge)")
-        pytest.skip("Slurm is not installed (apt-get install slurm-wlm slurmctld slurmd slurm-client munge); CI runs this")
-    c = SlurmCluster(nodes=2)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    yield from running_cluster(nodes=2)
 
 
 def test_two_node_cluster_runs_one_task_per_node(cluster):

@@ -9,22 +9,14 @@ import time
 
 import pytest
 from pipeline_helpers import ALL_STAGES, check_results, env, ran_snakemake, snakemake, tiny_repo
-from slurm_cluster import SlurmCluster, slurm_installed
+from slurm_cluster import running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    if not slurm_installed():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI: slurmctld/slurmd/munged are not installed (.ci/run apt-installs slurm-wlm slurmctld slurmd munge)")
-        pytest.skip("Slurm is not installed (apt-get install slurm-wlm slurmctld slurmd slurm-client munge); CI runs this")
-    c = SlurmCluster()
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    yield from running_cluster()
 
 
 def test_cluster_is_real_and_has_no_gpu(cluster):
