@@ -154,6 +154,7 @@ class TrainTokenizerConfig:
     checkpoint: str | None = None  # released file (path or URL) when source == released
     preset: Literal["small", "base"] = "small"
     channels: int | None = None  # overrides the preset's base width (stage widths = channels * channel_mult)
+    res_blocks: int | None = None  # overrides the preset's depth: this many residual blocks at every encoder/decoder level
     norm: Literal["frame", "pixel"] | None = None  # overrides the preset's normalisation (see TokenizerConfig.norm)
     temporal_factor: int = 4
     steps: int = 1000
@@ -447,7 +448,8 @@ def _check_semantics(cfg: Config) -> None:
         if not 0 <= e.max_bad_fraction <= 1:
             raise ConfigError(f"prepare.{name}.max_bad_fraction", f"must be in [0, 1], got {e.max_bad_fraction}", src)
     for name, e in cfg.train_tokenizer.items():
-        positive("train_tokenizer", name, e, "steps", "batch_size", "lr", "grad_accum", "temporal_factor", "checkpoint_every")
+        positive("train_tokenizer", name, e, "steps", "batch_size", "lr", "grad_accum", "temporal_factor", "checkpoint_every",
+                 "channels", "res_blocks")
         frames = cfg.prepare[e.dataset].frames
         if (frames - 1) % e.temporal_factor:
             raise ConfigError(

@@ -167,7 +167,7 @@ def tokenizer_model_config(cfg: Config, name: str):
     """The model config a ``train_tokenizer`` entry trains (ConfigError when the preset's sizes do not fit)."""
     t = cfg.train_tokenizer[name]
     try:
-        return preset(t.preset, channels=t.channels, norm=t.norm)
+        return preset(t.preset, channels=t.channels, norm=t.norm, res_blocks=t.res_blocks)
     except ValueError as e:
         raise ConfigError(f"train_tokenizer.{name}.channels", f"preset {t.preset!r}: {e}", cfg.params_file) from None
 

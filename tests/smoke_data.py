@@ -90,3 +90,67 @@ def smoke_params(ucf_root: Path | None, k600_root: Path | None, vgg: Path) -> di
         values["fetch_detector.path"] = str(cached / "i3d-kinetics-400.ckpt")
     return values
 
+
+
+# --------------------------------------------------------------------------------------
+# released files (NBP.md sections 2-3): written by the test at small widths, in the released key layouts
+
+TEXT_VOCAB, TEXT_LEN, CODES = 32000, 8, 64000  # LLaMA text ids, text positions, the base FSQ's codes
+
+
+def write_released_tokenizer(path: Path, channels: int = 32, seed: int = 0) -> Path:
+    """``{"model_state_dict": {"module.<key>": ...}}`` of the base architecture (width ``channels``; the importer
+    reads the width from the shapes)."""
+    import dataclasses
+
+    import torch
+
+    from nbp.tokenizer.model import PRESETS, VideoTokenizer
+    from nbp.tokenizer.released import to_released_state_dict
+
+    torch.manual_seed(seed)
+    model = VideoTokenizer(dataclasses.replace(PRESETS["base"], channels=channels)).eval()
+    torch.save({"model_state_dict": to_released_state_dict(model)}, path)
+    return path
+
+
+def _released_generator_state(rows: int, cond_len: int, width: int, layers: int, positions: int, seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.02):
+        return torch.randn(*shape, generator=g) * s
+
+    sd = {"transformer.tok_emb.weight": r(rows, width), "transformer.pos_emb": r(1, positions, width),
+          "transformer.uncond_embedding": r(cond_len, width), "transformer.ln_f.weight": torch.ones(width),
+          "transformer.ln_f.bias": torch.zeros(width), "transformer.head.weight": r(rows, width)}
+    for i in range(layers):
+        p = f"transformer.blocks.{i}."
+        for ln in ("ln1", "ln2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = torch.ones(width), torch.zeros(width)
+        for m in ("key", "query", "value", "proj"):
+            sd[p + f"attn.{m}.weight"], sd[p + f"attn.{m}.bias"] = r(width, width), torch.zeros(width)
+        sd[p + "mlp.0.weight"], sd[p + "mlp.0.bias"] = r(4 * width, width), torch.zeros(4 * width)
+        sd[p + "mlp.2.weight"], sd[p + "mlp.2.bias"] = r(width, 4 * width), torch.zeros(width)
+    sd["first_stage_model.encoder_layers.0.conv.weight"] = r(4, 3, 3, 3, 3)  # the frozen tokenizer: ignored by name
+    return sd
+
+
+def write_released_generator(path: Path, task: str, block: int = 16, width: int = 16, layers: int = 2, heads: int = 2,
+                             seed: int = 0) -> Path:
+    """A Lightning ``.ckpt``: ``transformer.*`` and ``first_stage_model.*`` keys, ``hyper_parameters["args"]`` a
+    Namespace; ``task`` hybrid (UCF: B + 32000 + 64000 ids, 8 text rows) or frame_pred (K600: 64000 ids)."""
+    import argparse
+
+    import torch
+
+    hybrid = task == "hybrid"
+    rows, cond = (block + TEXT_VOCAB + CODES, TEXT_LEN) if hybrid else (CODES, 0)
+    sd = _released_generator_state(rows, cond, width, layers, 1536, seed)
+    args = argparse.Namespace(n_layer=layers, n_head=heads, n_embd=width, block_size=1536, resolution=128,
+                              sequence_length=17, semi_ar=True, token_number_per_step=block, hybrid=hybrid,
+                              unconditional=not hybrid, **({"cond_token_num": TEXT_LEN} if hybrid else {}))
+    torch.save({"epoch": 1, "global_step": 10, "pytorch-lightning_version": "1.9.0", "state_dict": sd,
+                "hyper_parameters": {"args": args}}, path)
+    return path

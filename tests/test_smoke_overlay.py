@@ -78,7 +78,7 @@ def test_every_selected_entry_is_shrunk_and_the_paper_recipe_stays(shrunk, suite
         keep = ("perceptual", "disc", "ema", "lecam_weight", "recon_loss", "preset", "lr", "source", "checkpoint")
         assert [getattr(p, k) for k in keep] == [getattr(s, k) for k in keep]
         if s.source == "train":
-            assert (s.steps, s.disc_start, s.channels) == (4, 1, 32)  # the discriminator starts 1/4 in, as 50k of 200k
+            assert (s.steps, s.disc_start, s.channels, s.res_blocks) == (4, 1, 32, 1)  # disc from 1/4 in, as 50k of 200k
     for d in small.run.datasets:
         p, s = paper.prepare[d], small.prepare[d]
         assert (p.frames, p.fps, p.resolution) == (s.frames, s.fps, s.resolution)  # 5x16x16 latents: every layout
@@ -108,6 +108,15 @@ def test_generator_size_overrides_reach_the_model_and_checkpoint_config():
     assert len(model.blocks) == 2
     assert cfg.to_dict()["n_embd"] == 64  # the checkpoint's self-describing config
     assert gpt_config("base", n_layer=None, vocab_size=100).n_layer == 24  # None: the preset's
+
+
+def test_tokenizer_depth_override_sets_every_level():
+    from nbp.tokenizer.model import PRESETS, preset
+
+    cfg = preset("base", channels=32, res_blocks=1)
+    assert (cfg.channels, cfg.enc_res, cfg.dec_res) == (32, (1, 1, 1, 1), (1, 1, 1, 1))
+    assert cfg.channel_mult == PRESETS["base"].channel_mult and cfg.levels == PRESETS["base"].levels
+    assert preset("base").enc_res == PRESETS["base"].enc_res
 
 
 def test_a_bad_size_override_is_one_line_from_nbp_check(tmp_path):
