@@ -23,6 +23,7 @@ UTILITIES: dict[str, tuple[str, str]] = {
     "import-checkpoint": ("nbp.released", "convert a released tokenizer/generator checkpoint into ours"),
     "sample": ("nbp.generator.sample_cli", "write videos from a generator checkpoint"),
     "select": ("nbp.suites", "set the `run` switch of params.yaml to a named experiment suite"),
+    "smoke": ("nbp.smoke", "select a paper suite and shrink it in size only (a CPU smoke run of the whole DAG)"),
     "dag": ("nbp.dag", "print (or --write, --check) dvc.yaml generated from the stage description in nbp/dag.py"),
 }
 

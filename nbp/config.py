@@ -154,6 +154,7 @@ class TrainTokenizerConfig:
     checkpoint: str | None = None  # released file (path or URL) when source == released
     preset: Literal["small", "base"] = "small"
     channels: int | None = None  # overrides the preset's base width (stage widths = channels * channel_mult)
+    res_blocks: int | None = None  # overrides the preset's depth: this many residual blocks at every encoder/decoder level
     norm: Literal["frame", "pixel"] | None = None  # overrides the preset's normalisation (see TokenizerConfig.norm)
     temporal_factor: int = 4
     steps: int = 1000
@@ -213,6 +214,10 @@ class TrainGeneratorConfig:
     source: Literal["train", "released"] = "train"
     checkpoint: str | None = None  # released .ckpt (path or URL) when source == released
     preset: Literal["tiny", "small", "base", "xl", "3b"] = "tiny"
+    # override the preset's sizes (null: the preset's); recorded in the checkpoint's config like any size
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None  # must be a multiple of n_head
     task: Literal["class", "frame_pred", "uncond", "hybrid"] = "class"
     block: tuple[int, int, int] = (1, 1, 16)  # (bt, bh, bw); (1, 1, 1) is NTP
     context_frames: int = 2  # latent frames given as prefix (frame_pred)
@@ -260,6 +265,7 @@ class EvalGeneratorConfig:
 @dataclass(frozen=True)
 class TablesConfig:
     out: str = "results"
+    smoke: bool = False  # set by `nbp smoke`: every row of ours is marked as a smoke run (shrunk sizes)
 
 
 @dataclass(frozen=True)
@@ -442,7 +448,8 @@ def _check_semantics(cfg: Config) -> None:
         if not 0 <= e.max_bad_fraction <= 1:
             raise ConfigError(f"prepare.{name}.max_bad_fraction", f"must be in [0, 1], got {e.max_bad_fraction}", src)
     for name, e in cfg.train_tokenizer.items():
-        positive("train_tokenizer", name, e, "steps", "batch_size", "lr", "grad_accum", "temporal_factor", "checkpoint_every")
+        positive("train_tokenizer", name, e, "steps", "batch_size", "lr", "grad_accum", "temporal_factor", "checkpoint_every",
+                 "channels", "res_blocks")
         frames = cfg.prepare[e.dataset].frames
         if (frames - 1) % e.temporal_factor:
             raise ConfigError(
@@ -453,7 +460,7 @@ def _check_semantics(cfg: Config) -> None:
         if e.source == "released" and not e.checkpoint:
             raise ConfigError(f"train_tokenizer.{name}.checkpoint", "source is 'released' but no checkpoint is given", src)
     for name, e in cfg.train_generator.items():
-        positive("train_generator", name, e, "steps", "batch_size", "lr", "grad_accum")
+        positive("train_generator", name, e, "steps", "batch_size", "lr", "grad_accum", "n_layer", "n_head", "n_embd")
         if any(b <= 0 for b in e.block):
             raise ConfigError(f"train_generator.{name}.block", f"block sizes must be > 0, got {list(e.block)}", src)
         grid = latent_grid(cfg, cfg.tokenize[e.tokens].tokenizer)

@@ -30,6 +30,9 @@ from nbp.config import Config
 from nbp.io import atomic_dir, atomic_path, write_json, write_text
 
 NOT_RUN = "not run"
+SMOKE = "SMOKE (shrunk sizes, not paper-scale)"
+SMOKE_BANNER = ("**SMOKE RUN: every row of ours comes from `nbp smoke` (steps, videos, widths and batches shrunk to "
+                "minutes on a CPU). Its numbers say only that the pipeline ran; they are not paper-scale results.**")
 NA = "—"
 PRESET_NAME = {"tiny": "tiny", "small": "small", "base": "700M", "xl": "1.2B", "3b": "3B"}
 SCALE_PRESETS = ("base", "xl", "3b")
@@ -86,6 +89,7 @@ class Run:
     block: tuple[int, int, int] = (1, 1, 1)
     task: str = ""
     metrics: dict | None = None
+    smoke: bool = False  # tables.smoke: a run of `nbp smoke`
 
     @property
     def done(self) -> bool:
@@ -109,7 +113,7 @@ def collect_runs(cfg: Config) -> list[Run]:
         t = cfg.train_tokenizer.get(e.tokenizer)
         if t is None:
             continue
-        runs.append(Run("eval_tokenizer", name, _dataset_source(cfg, t.dataset), t.source, t.preset,
+        runs.append(Run("eval_tokenizer", name, _dataset_source(cfg, t.dataset), t.source, t.preset, smoke=cfg.tables.smoke,
                         metrics=_read_metrics(Path(dag.folder(cfg, "eval_tokenizer", name)) / "metrics.json")))
     for name, e in cfg.eval_generator.items():
         g = cfg.train_generator.get(e.generator)
@@ -117,6 +121,7 @@ def collect_runs(cfg: Config) -> list[Run]:
             continue
         t = cfg.train_tokenizer[cfg.tokenize[g.tokens].tokenizer]
         runs.append(Run("eval_generator", name, _dataset_source(cfg, t.dataset), g.source, g.preset, tuple(g.block), g.task,
+                        smoke=cfg.tables.smoke,
                         metrics=_read_metrics(Path(dag.folder(cfg, "eval_generator", name)) / "metrics.json")))
     return runs
 
@@ -177,7 +182,8 @@ def ours(run: Run | None, cells: dict[str, Any]) -> dict[str, Any]:
     if not run.done:
         return {**{k: NOT_RUN for k in cells}, "experiment": f"`{run.name}`", "samples": NOT_RUN, "hardware": NOT_RUN}
     m = run.metrics
-    return {**{k: f(m) for k, f in cells.items()}, "experiment": f"`{run.name}`", "samples": samples(m), "hardware": hardware(m)}
+    experiment = f"{SMOKE}: `{run.name}`" if run.smoke else f"`{run.name}`"
+    return {**{k: f(m) for k, f in cells.items()}, "experiment": experiment, "samples": samples(m), "hardware": hardware(m)}
 
 
 # ---- the tables ------------------------------------------------------------------------------------
@@ -345,8 +351,10 @@ def _markdown(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def _write_table(out: Path, name: str, title: str, df: pd.DataFrame) -> None:
-    write_text(out / f"{name}.md", f"# {title}\n\n{_markdown(df)}\nPaper numbers: NBP paper (arXiv 2502.07737v2). "
+def _write_table(out: Path, name: str, title: str, df: pd.DataFrame, smoke: bool = False) -> None:
+    banner = f"{SMOKE_BANNER}\n\n" if smoke else ""
+    title += " (SMOKE RUN)" if smoke else ""
+    write_text(out / f"{name}.md", f"# {title}\n\n{banner}{_markdown(df)}\nPaper numbers: NBP paper (arXiv 2502.07737v2). "
                "See README.md in this folder for what each column means.\n")
     with atomic_path(out / f"{name}.csv") as tmp:
         df.to_csv(tmp, index=False)
@@ -429,14 +437,14 @@ def run_tables(cfg: Config, name: str | None = None, paths: dag.StagePaths | Non
     Path(paths.outputs["receipt"]).unlink(missing_ok=True)
     runs = collect_runs(cfg)
     for key, (title, fn) in TABLES.items():
-        _write_table(out, key, title, fn(runs))
+        _write_table(out, key, title, fn(runs), cfg.tables.smoke)
     df, points = table_block_size(runs)
-    _write_table(out, "block_size", "Figure 7: block size vs FVD and frames per second (K600, 700M)", df)
+    _write_table(out, "block_size", "Figure 7: block size vs FVD and frames per second (K600, 700M)", df, cfg.tables.smoke)
     with atomic_path(out / "block_size_plot.csv") as tmp:
         points.to_csv(tmp, index=False)
     plot_block_size(points, out / "block_size.png")
     gifs = copy_samples(cfg, runs, out)
-    write_text(out / "README.md", readme(runs, gifs))
+    write_text(out / "README.md", (f"{SMOKE_BANNER}\n\n" if cfg.tables.smoke else "") + readme(runs, gifs))
     done = sum(r.done for r in runs)
     # written last, under run.out: a committed results/ cannot stand in for it, so Snakemake on a fresh clone plans
     # the whole DAG (it judges targets by file times) and a half-finished tables run is never taken as done

@@ -41,6 +41,7 @@ from nbp.data.download import check_layout
 from nbp.errors import NbpError
 from nbp.generator.evaluate import context_pixel_frames
 from nbp.generator.layout import BlockLayout, TaskLayout, ucf101_text_ids
+from nbp.generator.model import gpt_config
 from nbp.generator.released import hyper_parameters, load_allowlisted, read_released, released_layout, split_state
 from nbp.metrics.fvd import FRAMES
 from nbp.metrics.image import lpips_available
@@ -166,7 +167,7 @@ def tokenizer_model_config(cfg: Config, name: str):
     """The model config a ``train_tokenizer`` entry trains (ConfigError when the preset's sizes do not fit)."""
     t = cfg.train_tokenizer[name]
     try:
-        return preset(t.preset, channels=t.channels, norm=t.norm)
+        return preset(t.preset, channels=t.channels, norm=t.norm, res_blocks=t.res_blocks)
     except ValueError as e:
         raise ConfigError(f"train_tokenizer.{name}.channels", f"preset {t.preset!r}: {e}", cfg.params_file) from None
 
@@ -301,6 +302,10 @@ def _generator(cfg: Config, name: str, err) -> Iterator[ConfigError]:
         return
     if g.batch_size % g.grad_accum:
         yield err(f"{key}.batch_size", f"{g.batch_size} is not divisible by {key}.grad_accum {g.grad_accum}")
+    try:
+        gpt_config(g.preset, n_layer=g.n_layer, n_head=g.n_head, n_embd=g.n_embd, vocab_size=vocab)
+    except ValueError as e:
+        yield err(f"{key}.n_embd", f"{e} (preset {g.preset!r} with {key}.n_layer / n_head / n_embd)")
 
 
 def _released_generator(cfg: Config, name: str, grid, vocab: int, err) -> Iterator[ConfigError]:

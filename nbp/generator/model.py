@@ -49,10 +49,14 @@ PRESETS: dict[str, dict] = {
 
 
 def gpt_config(preset: str, **kwargs) -> GPTConfig:
-    """A preset's sizes plus the given fields (vocab_size, n_positions, dropout, ...)."""
+    """A preset's sizes plus the given fields (vocab_size, n_positions, dropout, ...); a size given as None keeps
+    the preset's (``n_layer=None``: the preset's depth)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown generator preset {preset!r} (known: {', '.join(PRESETS)})")
-    return GPTConfig(**{**PRESETS[preset], **kwargs})
+    fields = {**PRESETS[preset], **{k: v for k, v in kwargs.items() if v is not None or k not in PRESETS[preset]}}
+    if fields["n_embd"] % fields["n_head"]:
+        raise ValueError(f"n_embd {fields['n_embd']} is not a multiple of n_head {fields['n_head']}")
+    return GPTConfig(**fields)
 
 
 def grid_position_code(coords: torch.Tensor, grid: tuple[int, int, int], dim: int) -> torch.Tensor:

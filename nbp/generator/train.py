@@ -154,7 +154,8 @@ class GeneratorTraining(Training):
     def _build_model(self) -> None:
         g, task = self.g, self.task
         use_flex = g.flex_attention and self.device.type == "cuda"
-        self.model_config = gpt_config(g.preset, vocab_size=task.vocab_size, n_positions=task.seq_len, dropout=g.dropout,
+        self.model_config = gpt_config(g.preset, n_layer=g.n_layer, n_head=g.n_head, n_embd=g.n_embd,
+                                       vocab_size=task.vocab_size, n_positions=task.seq_len, dropout=g.dropout,
                                        cond_len=task.cond_len, flex_attention=use_flex)
         self.model = GPT(self.model_config)
         if g.pos_init == "grid":

@@ -110,10 +110,15 @@ PRESETS: dict[str, TokenizerConfig] = {
 }
 
 
-def preset(name: str, **overrides) -> TokenizerConfig:
+def preset(name: str, res_blocks: int | None = None, **overrides) -> TokenizerConfig:
+    """A preset with the given fields replaced (None: the preset's); ``res_blocks`` sets every level's depth."""
     if name not in PRESETS:
         raise KeyError(f"unknown tokenizer preset {name!r} (known: {', '.join(PRESETS)})")
-    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    base = PRESETS[name]
+    if res_blocks is not None:
+        n = len(base.channel_mult)
+        overrides = {**overrides, "enc_res": (res_blocks,) * n, "dec_res": (res_blocks,) * n}
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 # --------------------------------------------------------------------------------------

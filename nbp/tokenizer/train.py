@@ -107,7 +107,7 @@ def batch_tensor(frames, idx: np.ndarray, flip: np.ndarray, t0: np.ndarray, leng
 
 
 def model_config_for(tcfg: TrainTokenizerConfig, key: str = "train_tokenizer"):
-    mcfg = preset(tcfg.preset, channels=tcfg.channels, norm=tcfg.norm)
+    mcfg = preset(tcfg.preset, channels=tcfg.channels, norm=tcfg.norm, res_blocks=tcfg.res_blocks)
     if mcfg.temporal_factor != tcfg.temporal_factor:
         raise ConfigError(f"{key}.temporal_factor", f"{tcfg.temporal_factor} differs from preset "
                           f"{tcfg.preset!r}'s temporal factor {mcfg.temporal_factor}")
