@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -93,6 +94,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     previous = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
@@ -118,6 +120,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     previous = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -134,6 +137,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove what a SIGKILLed earlier write of ``path`` left beside it (a kill skips the cleanup of the atomic
+    writers): its temporaries ``.<name>.*.tmp``, files or folders as large as the output (a clip cache). One writer
+    per output is the DAG's rule (DVC and Snakemake lock outputs; under torchrun only rank 0 writes)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _swap(new: Path, path: Path) -> None:

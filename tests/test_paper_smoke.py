@@ -25,7 +25,8 @@ from smoke_data import (
 
 from nbp import tables
 
-pytestmark = pytest.mark.slow
+# opt-in (`pytest -m paper_smoke`): one suite takes ~40 min on 2 loaded cores, beyond CI's budget so far
+pytestmark = [pytest.mark.slow, pytest.mark.paper_smoke]
 
 GLOBAL = {"fetch_detector", "fetch_lpips", "tables"}
 

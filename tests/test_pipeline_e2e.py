@@ -108,6 +108,48 @@ def test_snakemake_end_to_end(first_runs, record_property):
     assert planned == EXPECTED_RERUN
 
 
+# killed stages, leaf first (each kill leaves its upstream intact): (stage instance, NBP_FAULT, its output folder or
+# file). DVC deletes a stage's outputs before it runs, so the kill falls where the complete new folder waits to be
+# moved in (`swap`); tables: between two tables (its receipt, the done-marker, is removed first)
+KILLS = [
+    ("tables", "write:main.md", "out/tables/receipt.json"),
+    ("eval_generator@embedded_nbp", "swap:eval_generator/embedded_nbp", "out/eval_generator/embedded_nbp"),
+    ("train_generator@embedded_nbp", "swap:train_generator/embedded_nbp", "out/train_generator/embedded_nbp"),
+    ("tokenize@embedded", "swap:tokenize/embedded", "out/tokenize/embedded"),
+    ("eval_tokenizer@embedded", "swap:eval_tokenizer/embedded", "out/eval_tokenizer/embedded"),
+    ("train_tokenizer@embedded", "swap:train_tokenizer/embedded", "out/train_tokenizer/embedded"),
+    ("real_stats@embedded", "swap:real_stats/embedded", "out/real_stats/embedded"),
+]
+
+
+def test_every_stage_killed_while_writing_is_not_done_for_dvc(first_runs):
+    """Issue 13 item 3, on the DVC repository the test above left up to date: each stage, forced to run again, is
+    SIGKILLed while its outputs are replaced (prepare: tests/test_stage_kills.py, with Snakemake too). None of its
+    declared outputs is left; `dvc status` lists every killed stage; one `dvc repro` reruns them, the DAG is up to
+    date again, and the killed runs' temporaries are gone."""
+    from nbp.config import load_config
+
+    repo, _ = first_runs["dvc"]
+    cfg = load_config(repo / "params.yaml")
+    assert "changed" not in dvc(["status"], repo).stdout
+    for stage, fault, output in KILLS:
+        res = dvc(["repro", "-f", "-s", stage], repo, check=False, NBP_FAULT=fault)
+        assert res.returncode != 0, f"{stage}: not killed\n{res.stdout[-2000:]}"
+        assert not (repo / output).is_file(), f"{stage}: {output} left behind by the kill"
+        if stage != "tables":  # tables: the receipt (gone, above) says done; the tables are written one by one
+            name, _, entry = stage.partition("@")
+            declared = [repo / p for p in dag.resolve(cfg, name, entry).outputs.values()]
+            assert declared and not [p for p in declared if p.exists()], stage
+    changed = _dvc_changed_stages(repo)
+    assert {s for s, _, _ in KILLS} <= changed, changed
+    res = dvc(["repro"], repo)
+    assert {s for s, _, _ in KILLS} <= ran_dvc(res.stdout), res.stdout[-3000:]
+    assert "changed" not in dvc(["status"], repo).stdout
+    check_results(repo)
+    for folder in {(repo / o).parent for _, _, o in KILLS} | {repo / "results"}:  # the killed runs' temporaries
+        assert not [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".old"))], folder  # went with the rerun
+
+
 def _dvc_changed_stages(repo) -> set[str]:
     """Stage instances `dvc status` reports (lines `name:` at the start, e.g. `tables:` or `prepare@embedded:`)."""
     out = dvc(["status"], repo).stdout
