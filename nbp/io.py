@@ -83,8 +83,12 @@ class WriteError(NbpError):
         self.path, self.why = path, why
 
 
-def _write_error(e: OSError, path: Path, previous: bool) -> WriteError:
-    return WriteError(path, os.strerror(e.errno) if e.errno else f"short write, {e}: is the disk full?", previous)
+def _raise_if_write_failed(e: OSError, path: Path, tmp: Path | None, previous: bool) -> None:
+    """Raise ``e`` as one :class:`WriteError` line when it is a failed write of ``path``; else return (the caller
+    re-raises ``e`` as it is)."""
+    if _write_failed(e, path, tmp):
+        why = os.strerror(e.errno) if e.errno else f"short write, {e}: is the disk full?"
+        raise WriteError(path, why, previous) from None
 
 
 @contextlib.contextmanager
@@ -105,8 +109,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fault("write-half", path, tmp)
         os.replace(tmp, path)
     except OSError as e:
-        if _write_failed(e, path, tmp):
-            raise _write_error(e, path, previous) from None
+        _raise_if_write_failed(e, path, tmp, previous)
         raise
     finally:
         if tmp is not None and tmp.exists():
@@ -131,8 +134,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             raise WriteError(path, f"{e.path.name}: {e.why}", previous) from None
         raise
     except OSError as e:
-        if _write_failed(e, path, tmp):
-            raise _write_error(e, path, previous) from None
+        _raise_if_write_failed(e, path, tmp, previous)
         raise
     finally:
         if tmp is not None and tmp.exists():
