@@ -26,8 +26,15 @@ from nbp.config import DEFAULT_PARAMS, ConfigError, load_config, read_yaml
 from nbp.io import write_text
 from nbp.suites import SUITES, select
 
-STEPS = {"train_tokenizer": 4, "train_generator": 4}
-# section -> key -> smoke value; None: scaled with the entry's step count (see :func:`_scaled`)
+STEPS = {"train_tokenizer": 2, "train_generator": 2}
+
+
+def _by_preset(table: dict[str, int]):
+    """A smoke value chosen by the entry's preset (keeps base < xl < 3b apart in the tables)."""
+    return lambda entry: table[entry.preset]
+
+
+# section -> key -> smoke value; None: scaled with the entry's step count (see :func:`_scaled`); a callable: of the entry
 SIZE_KEYS: dict[str, dict[str, object]] = {
     "prepare": {"max_videos": {"train": 6, "val": 4}, "train_clips_per_video": 1},
     "real_stats": {"num_videos": 4, "batch_size": 2},
@@ -37,7 +44,8 @@ SIZE_KEYS: dict[str, dict[str, object]] = {
                         "warmup_steps": None, "disc_start": None, "image_steps": None},
     "eval_tokenizer": {"num_videos": 2, "batch_size": 2, "grid_videos": 2},
     "tokenize": {"batch_size": 2, "train_clips_per_video": 1},
-    "train_generator": {"steps": STEPS["train_generator"], "batch_size": 2, "n_layer": 2, "n_head": 2, "n_embd": 64,
+    "train_generator": {"steps": STEPS["train_generator"], "batch_size": 2, "n_layer": _by_preset({"base": 2, "xl": 3, "3b": 4}),
+                        "n_head": 2, "n_embd": 64,
                         "val_every": STEPS["train_generator"], "val_clips": 2, "checkpoint_every": STEPS["train_generator"],
                         "log_every": 1, "warmup_steps": None},
     "eval_generator": {"num_videos": 2, "batch_size": 2, "grid_videos": 2},
@@ -76,6 +84,8 @@ def overlay(params: str | Path, suite: str) -> dict[tuple[str, str, str], object
                     continue  # a released file fixes its own sizes
                 if value is None:
                     value = _scaled(getattr(entry, key), entry.steps, STEPS[section])
+                elif callable(value):
+                    value = value(entry)
                 if section == "prepare" and key == "max_videos":
                     value = {k: min(v, entry.max_videos.get(k, v)) for k, v in value.items()}
                 out[(section, name, key)] = value

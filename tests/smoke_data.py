@@ -98,18 +98,17 @@ def smoke_params(ucf_root: Path | None, k600_root: Path | None, vgg: Path) -> di
 TEXT_VOCAB, TEXT_LEN, CODES = 32000, 8, 64000  # LLaMA text ids, text positions, the base FSQ's codes
 
 
-def write_released_tokenizer(path: Path, channels: int = 32, seed: int = 0) -> Path:
-    """``{"model_state_dict": {"module.<key>": ...}}`` of the base architecture (width ``channels``; the importer
-    reads the width from the shapes)."""
-    import dataclasses
-
+def write_released_tokenizer(path: Path, channels: int = 32, res_blocks: int = 1, seed: int = 0) -> Path:
+    """``{"model_state_dict": {"module.<key>": ...}}`` of the base architecture at width ``channels`` and
+    ``res_blocks`` residual units per stage (the smoke's own tokenizer sizes; the importer reads both from the
+    file)."""
     import torch
 
-    from nbp.tokenizer.model import PRESETS, VideoTokenizer
+    from nbp.tokenizer.model import VideoTokenizer, preset
     from nbp.tokenizer.released import to_released_state_dict
 
     torch.manual_seed(seed)
-    model = VideoTokenizer(dataclasses.replace(PRESETS["base"], channels=channels)).eval()
+    model = VideoTokenizer(preset("base", res_blocks=res_blocks, channels=channels)).eval()
     torch.save({"model_state_dict": to_released_state_dict(model)}, path)
     return path
 

@@ -278,3 +278,29 @@ def test_released_import_matches_a_plain_forward_over_the_documented_keys(tmp_pa
         torch.save({"model_state_dict": swapped}, tmp_path / "swapped.pt")
         wrong = load_released(tmp_path / "swapped.pt", config=cfg)
         assert not torch.allclose(wrong.decode_from_code_indices(codes), video_ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_shallower_released_file_imports_at_its_own_depth(tmp_path, depth):
+    """Width from the first convolution, depth from the keys: a uniform-depth file (as `res_blocks` makes) imports
+    with that many residual units per stage and gives the writer's outputs; a file that no depth explains is refused
+    by the strict key check, naming a key."""
+    from nbp.tokenizer.model import preset
+
+    cfg = preset("base", res_blocks=depth, channels=32)
+    torch.manual_seed(depth)
+    model = VideoTokenizer(cfg).eval()
+    released = to_released_state_dict(model)
+    torch.save({"model_state_dict": released}, tmp_path / "shallow.pt")
+    loaded = load_released(tmp_path / "shallow.pt")  # no config: sizes from the file
+    assert (loaded.config.channels, loaded.config.enc_res, loaded.config.dec_res) == (32, (depth,) * 4, (depth,) * 4)
+    x = torch.rand(1, 3, 9, 16, 16)
+    with torch.no_grad():
+        qa, ca = model.encode(x)
+        qb, cb = loaded.encode(x)
+        assert torch.equal(qa, qb) and torch.equal(ca, cb)
+        assert torch.equal(model.decode_from_code_indices(ca), loaded.decode_from_code_indices(cb))
+    odd = {k: v for k, v in released.items() if not k.startswith("module.decoder_layers.2.")}  # one unit missing
+    torch.save({"model_state_dict": odd}, tmp_path / "odd.pt")
+    with pytest.raises(NbpError, match=r"(missing|unexpected) key 'module\.(en|de)coder_layers\.\d+\."):
+        load_released(tmp_path / "odd.pt")

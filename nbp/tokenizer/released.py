@@ -12,9 +12,11 @@ Every parameter mapping is named below, per layer type; loading is strict: a mis
 mis-shaped key is an :class:`NbpError` naming the key (never ``strict=False``).
 
 Sizes: without an explicit config, the base width (``channels``) is read from the first convolution's shape
-(:func:`config_from_state`), so a narrower file of the released architecture (e.g. a smoke-test file) imports;
-the rest is the released architecture's (residual counts and widths per stage, checked key by key and shape
-by shape; GroupNorm(32) and the FSQ levels, which no shape records: only the number of levels is checked).
+(:func:`config_from_state`), and the depth from the keys: the released residual counts per stage, or else the
+one uniform count per stage (as ``train_tokenizer.*.res_blocks`` sets) whose keys the file has. So a narrower or
+shallower file of the released architecture (e.g. a smoke-test file) imports; the rest is the released
+architecture's (widths per stage, checked key by key and shape by shape; GroupNorm(32) and the FSQ levels, which
+no shape records: only the number of levels is checked).
 """
 
 from __future__ import annotations
@@ -129,10 +131,32 @@ def config_from_state(state: dict, base=None, source: str = "released file"):
         raise NbpError(f"{source}: {last.shape[0]} latent channels, the released FSQ has {len(base.levels)} levels "
                        f"{list(base.levels)} (levels are not in the weights)")
     try:
-        return dataclasses.replace(base, channels=width // base.channel_mult[0])
+        cfg = dataclasses.replace(base, channels=width // base.channel_mult[0])
     except ValueError as e:
         raise NbpError(f"{source}: base width {width // base.channel_mult[0]} read from "
                        f"{PREFIX}encoder_layers.0.conv.weight does not fit the released architecture ({e})") from None
+    return _depth_from_keys(state, cfg)
+
+
+def _released_keys(cfg) -> set[str]:
+    with torch.device("meta"):
+        return set(key_mapping(VideoTokenizer(cfg)))
+
+
+def _depth_from_keys(state: dict, cfg):
+    """``cfg`` if the file's keys are its released keys; else the one uniform depth (the same number of residual
+    units at every stage, as the ``res_blocks`` key sets) whose keys they are; else ``cfg`` (the strict key check
+    then names the difference)."""
+    keys = {k for k in state if k.startswith((f"{PREFIX}encoder_layers.", f"{PREFIX}decoder_layers."))}
+    if keys == _released_keys(cfg):
+        return cfg
+    n = len(cfg.channel_mult)
+    fits = []
+    for r in range(1, 9):  # a stage that changes width needs one unit: depth 0 is not an architecture
+        c = dataclasses.replace(cfg, enc_res=(r,) * n, dec_res=(r,) * n)
+        if keys == _released_keys(c):
+            fits.append(c)
+    return fits[0] if len(fits) == 1 else cfg
 
 
 def is_released_checkpoint(obj) -> bool:
