@@ -162,8 +162,14 @@ def run(argv: list[str] | None = None) -> int:
         key = flag.lstrip("-").replace("-", "_")
         if getattr(args, key, False):
             extra[key] = True
-    for entry in entries:
-        fn(cfg, entry, dag.resolve(cfg, stage.name, entry), **extra)
+    try:
+        for entry in entries:
+            fn(cfg, entry, dag.resolve(cfg, stage.name, entry), **extra)
+    finally:
+        if stage.launch == "torchrun":  # its ranks joined a process group: close it, on success and on failure
+            from nbp.distributed import cleanup_distributed
+
+            cleanup_distributed()
     return 0
 
 

@@ -515,7 +515,10 @@ def resources(cfg: Config, stage: str, entry: str | None) -> dict[str, int]:
 
 def launcher(stage: str, gpu: int, nodes: int = 1) -> str:
     """How to start a stage: ``nbp`` (one process), or torchrun for a ``launch="torchrun"`` stage on several GPUs
-    (training, and the sharded real_stats, eval_tokenizer, tokenize and eval_generator).
+    (training, and the sharded real_stats, eval_tokenizer, tokenize and eval_generator). torchrun runs as
+    ``python -m nbp.launch`` (torchrun's arguments and agent; a failed rank ends in one line and its exit code, see
+    nbp/launch.py). ``python`` is the job's environment's (the one whose ``nbp`` the one-process jobs run), not this
+    process's interpreter: a Slurm job may run on a node where that path means nothing.
 
     ``gpu`` is the number of GPUs per node. One node: ``torchrun --standalone``. Several nodes (Slurm
     resources ``nodes`` > 1, ``mpi: srun``): one torchrun per node through ``srun``, rendezvous on the
@@ -526,9 +529,9 @@ def launcher(stage: str, gpu: int, nodes: int = 1) -> str:
     if BY_NAME[stage].launch != "torchrun" or (gpu <= 1 and nodes <= 1):
         return "nbp"
     if nodes <= 1:
-        return f"torchrun --standalone --nproc_per_node={gpu} -m nbp"
-    return (f"srun --nodes={nodes} --ntasks-per-node=1 torchrun --nnodes={nodes} --nproc_per_node={max(gpu, 1)} "
-            "--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
+        return f"python -m nbp.launch --standalone --nproc_per_node={gpu} -m nbp"
+    return (f"srun --nodes={nodes} --ntasks-per-node=1 python -m nbp.launch --nnodes={nodes} "
+            f"--nproc_per_node={max(gpu, 1)} --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
             "--rdzv_endpoint=$(hostname):$((29500 + SLURM_JOB_ID % 1000)) -m nbp")
 
 

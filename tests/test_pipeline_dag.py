@@ -163,13 +163,14 @@ def test_wiring_rules(tmp_path):
 def test_launcher_commands():
     assert dag.launcher("train_generator", 0) == "nbp"
     assert dag.launcher("train_generator", 1) == "nbp"
-    assert dag.launcher("train_generator", 4) == "torchrun --standalone --nproc_per_node=4 -m nbp"
-    assert dag.launcher("eval_generator", 8) == "torchrun --standalone --nproc_per_node=8 -m nbp"  # sharded evaluation
+    assert dag.launcher("train_generator", 4) == "python -m nbp.launch --standalone --nproc_per_node=4 -m nbp"
+    # sharded evaluation
+    assert dag.launcher("eval_generator", 8) == "python -m nbp.launch --standalone --nproc_per_node=8 -m nbp"
     for stage in ("real_stats", "eval_tokenizer", "tokenize", "eval_generator"):
         assert dag.launcher(stage, 1) == "nbp"  # one GPU (a workstation): one process
     assert dag.launcher("prepare", 8) == dag.launcher("tables", 4) == "nbp"  # not torchrun-launchable
     multi = dag.launcher("train_tokenizer", 8, nodes=2)
-    assert multi.startswith("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 ")
+    assert multi.startswith("srun --nodes=2 --ntasks-per-node=1 python -m nbp.launch --nnodes=2 --nproc_per_node=8 ")
     assert multi.endswith(" -m nbp")
 
 

@@ -30,7 +30,7 @@ TRAIN = {"steps": 24, "batch_size": 8, "grad_accum": 1, "dropout": 0.0, "cond_dr
 # order than one process's batch) come out as weight differences well above the rounding itself
 ATOL = RTOL = 1e-4
 # the README's multi-node launcher for 2 nodes x 1 process
-LAUNCH = ("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=1 --rdzv_id=$SLURM_JOB_ID "
+LAUNCH = ("srun --nodes=2 --ntasks-per-node=1 python -m nbp.launch --nnodes=2 --nproc_per_node=1 --rdzv_id=$SLURM_JOB_ID "
           "--rdzv_backend=c10d --rdzv_endpoint=$(hostname):$((29500 + SLURM_JOB_ID % 1000)) -m nbp")
 
 

@@ -44,7 +44,7 @@ def test_training_gets_eight_gpus_under_torchrun(paper_jobs):
         gpu, mem, runtime = gpu_mem_time
         assert _res(job) == {"gpu": gpu, "mem_mb": mem, "runtime": runtime, "cpus_per_task": 32}, name
         stage, entry = name.split("@")
-        assert strip_log(job["shell"]) == f"torchrun --standalone --nproc_per_node=8 -m nbp {stage} {entry}"
+        assert strip_log(job["shell"]) == f"python -m nbp.launch --standalone --nproc_per_node=8 -m nbp {stage} {entry}"
 
 
 def test_3b_presets_train_with_deepspeed(paper_params, paper_jobs):
@@ -53,7 +53,7 @@ def test_3b_presets_train_with_deepspeed(paper_params, paper_jobs):
     assert sorted(big) == ["k600_3b_nbp16", "k600_3b_ntp", "ucf_3b_nbp16"]
     for n in big:
         assert cfg.train_generator[n].strategy.startswith("deepspeed_zero"), n
-        assert "torchrun --standalone --nproc_per_node=8" in paper_jobs[f"train_generator@{n}"]["shell"]
+        assert "python -m nbp.launch --standalone --nproc_per_node=8" in paper_jobs[f"train_generator@{n}"]["shell"]
     assert all(cfg.train_generator[n].strategy == "ddp" for n in cfg.run.generators if n not in big)
 
 
@@ -63,7 +63,7 @@ def test_evaluation_and_data_stages(paper_jobs):
         job = paper_jobs[name]
         assert _res(job)["gpu"] == gpu, name
         stage, entry = name.split("@")  # sharded over the job's GPUs
-        assert strip_log(job["shell"]) == f"torchrun --standalone --nproc_per_node={gpu} -m nbp {stage} {entry}", name
+        assert strip_log(job["shell"]) == f"python -m nbp.launch --standalone --nproc_per_node={gpu} -m nbp {stage} {entry}", name
     assert _res(paper_jobs["eval_generator@k600_base_nbp16"]) == {"gpu": 8, "mem_mb": 128000, "runtime": 1440,
                                                                   "cpus_per_task": 32}
     assert _res(paper_jobs["prepare@k600"]) == {"gpu": 0, "mem_mb": 64000, "runtime": 1440, "cpus_per_task": 16}
@@ -92,7 +92,8 @@ def test_multi_node_override(paper_params):
     jobs = snakemake_dag([*PROFILE, "--configfile", str(paper_params), "--set-resources",
                           "train_generator:nodes=2", "train_generator:gpus_per_node=8", "train_generator:gpu=0"])
     shell = strip_log(jobs["train_generator@k600_base_nbp16"]["shell"])
-    assert shell.startswith("srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID ")
+    assert shell.startswith("srun --nodes=2 --ntasks-per-node=1 python -m nbp.launch --nnodes=2 --nproc_per_node=8 "
+                            "--rdzv_id=$SLURM_JOB_ID ")
     assert shell.endswith("-m nbp train_generator k600_base_nbp16")
 
 
@@ -112,4 +113,5 @@ def test_released_suite_imports_without_gpus(tmp_path):
         assert _res(jobs[name]) == {"gpu": 0, "mem_mb": 32000, "runtime": 120, "cpus_per_task": 4}, name
         assert strip_log(jobs[name]["shell"]).startswith("nbp "), name
     assert _res(jobs["eval_generator@released_k600_nbp16"])["gpu"] == 8
-    assert strip_log(jobs["eval_generator@released_k600_nbp16"]["shell"]).startswith("torchrun --standalone --nproc_per_node=8 ")
+    shell = strip_log(jobs["eval_generator@released_k600_nbp16"]["shell"])
+    assert shell.startswith("python -m nbp.launch --standalone --nproc_per_node=8 ")

@@ -5,7 +5,7 @@ both evaluations, the trainings' exports) or single files through :func:`nbp.io.
 files one by one and removes its receipt first. Each writer is killed (SIGKILL, ``NBP_FAULT``) at each of its points,
 in a real process: the declared output is then the previous complete one or absent, never a mix, and the rerun
 completes it. For ``prepare``, the verdicts of DVC (`dvc status`) and Snakemake (`-n --rerun-incomplete`) on a real
-tiny repository are checked too.
+tiny repository are checked too, and Snakemake's for ``tokenize``, ``train_generator`` and ``eval_generator``.
 """
 
 from __future__ import annotations
@@ -119,3 +119,41 @@ def test_prepare_killed_midway_is_not_done_for_dvc_nor_snakemake(tmp_path):
     snakemake(["-c1", "--rerun-incomplete", str(cache.relative_to(repo))], repo)
     assert (cache / "train" / "clips.npy").is_file()
     assert ran_snakemake(snakemake(["-n", str(cache.relative_to(repo))], repo).stdout) == set()
+
+
+# the stages after prepare, each killed in its own output's writer: (stage@entry, target, NBP_FAULT)
+LATER_KILLS = [
+    ("tokenize@embedded", "out/tokenize/embedded", "swap:tokenize/embedded"),  # the shards complete, not yet in place
+    ("train_generator@embedded_nbp", "out/train_generator/embedded_nbp/generator.pt", "write-half:generator.pt"),
+    ("eval_generator@embedded_nbp", "out/eval_generator/embedded_nbp/metrics.json", "write-half:metrics.json"),
+]
+
+
+@pytest.mark.slow
+def test_tokenize_training_and_evaluation_killed_are_rerun_by_snakemake(tmp_path):
+    """tokenize (its shards), train_generator (generator.pt) and eval_generator (its metrics), each SIGKILLed while
+    writing its output under `snakemake -c1`: the plan with --rerun-incomplete is exactly that stage, no declared
+    output of it exists (the kill's temporary lies beside its folder), and after the rerun the plan is empty. One
+    tiny repository for the three: each case's upstream is the previous case's rerun."""
+    from pipeline_helpers import parse_dry_run, ran_snakemake, snakemake, tiny_repo
+
+    repo = tiny_repo(tmp_path / "repo")
+    for job, target, fault in LATER_KILLS:
+        stage, entry = job.split("@")
+        folder = repo / "out" / stage / entry
+        # --keep-incomplete: Snakemake leaves a failed job's outputs as they are (as when Snakemake itself is killed),
+        # so what lies at the declared paths below is what the stage's own writers left
+        r = snakemake(["-c1", "--keep-incomplete", target], repo, check=False, NBP_FAULT=fault)
+        log = repo / "logs" / stage / f"{entry}.log"
+        assert r.returncode != 0, f"{job} was not killed:\n{r.stderr[-2000:]}"
+        left = sorted(p.name for p in folder.parent.glob(f".{entry}.*.tmp"))
+        assert left, f"{job}: no temporary of its writer, so the kill did not hit the write:\n{log.read_text()[-2000:]}"
+        plan = snakemake(["-n", "--rerun-incomplete", target], repo)
+        jobs = [j for j in parse_dry_run(plan.stdout) if j["rule"] != "all"]
+        assert ran_snakemake(plan.stdout) == {job}, plan.stdout[-2000:]  # its upstream is done, it is not
+        (declared,) = [j["output"] for j in jobs]
+        assert declared and not [o for o in declared if (repo / o).exists()], declared  # nothing half-written there
+        snakemake(["-c1", "--rerun-incomplete", target], repo)
+        assert all((repo / o).exists() for o in declared), declared
+        assert sorted(p.name for p in folder.parent.glob(f".{entry}.*")) == []  # the rerun cleared the kill's leftovers
+        assert ran_snakemake(snakemake(["-n", target], repo).stdout) == set()
