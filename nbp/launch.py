@@ -9,6 +9,11 @@ rank killed by a signal exits as a shell reports it, 128 + signal. Errors of the
 timeout, a signal sent to the launcher) are one line as well.
 
     python -m nbp.launch --standalone --nproc_per_node=8 -m nbp train_generator k600_base_nbp16
+
+Processes per node: a number asks for that many GPUs' worth of ranks, and runs at most as many ranks as the node
+has GPUs, one rank on a machine without any (:func:`fit_to_gpus`). The cluster profile asks for a stage's GPUs;
+the same command from ``snakemake -c2`` on a workstation then runs one CPU process instead of eight. The flag
+``--ranks-on-cpu`` (ours, before torchrun's arguments) runs the asked number of ranks anyway (gloo on CPU: tests).
 """
 
 from __future__ import annotations
@@ -70,14 +75,38 @@ class _DropAgentFailureLogs(logging.Filter):
         return record.msg not in _AGENT_FAILURE_LOGS
 
 
+def fit_to_gpus(nproc_per_node: str, gpus: int) -> str:
+    """A numeric ``--nproc_per_node`` capped at the node's GPUs (at least 1); torchrun's words (gpu, cpu, auto) as
+    they are."""
+    try:
+        asked = int(nproc_per_node)
+    except ValueError:
+        return nproc_per_node
+    return str(max(1, min(asked, gpus)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("-m") if "-m" in argv else len(argv)  # our flag only among the launcher's own arguments
+    on_cpu = "--ranks-on-cpu" in argv[:cut]
+    if on_cpu:
+        argv.remove("--ranks-on-cpu")
     args = parse_args(argv)  # torchrun's parser: a bad flag is its usage line and exit 2
-    what, world = _what(args), _world(args)
+    what = _what(args)
+    if not on_cpu:
+        gpus = torch.cuda.device_count()
+        fit = fit_to_gpus(args.nproc_per_node, gpus)
+        if fit != args.nproc_per_node:
+            print(f"nbp: {what}: {args.nproc_per_node} processes per node asked, {gpus} GPU(s) here: running {fit}",
+                  file=sys.stderr, flush=True)
+            args.nproc_per_node = fit
+    world = _world(args)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropAgentFailureLogs())
     try:
         run(args)

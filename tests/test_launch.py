@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_stages_distributed import build_upstream, overrides
 
-from nbp.launch import exit_code
+from nbp.launch import exit_code, fit_to_gpus
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -65,8 +65,8 @@ def _run(cmd: list[str], env: dict, records: Path) -> subprocess.CompletedProces
 
 
 def _launch(args: list[str], env: dict, records: Path) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "nbp.launch", "--standalone", "--nproc_per_node", str(WORLD), "-m", "nbp", *args],
-                env, records)
+    return _run([sys.executable, "-m", "nbp.launch", "--ranks-on-cpu", "--standalone", "--nproc_per_node", str(WORLD),
+                 "-m", "nbp", *args], env, records)
 
 
 def _ranks(records: Path) -> dict[int, dict]:
@@ -128,6 +128,26 @@ def test_a_stage_that_succeeds_exits_0_with_its_process_group_closed(upstream, t
     assert "destroy_process_group" not in text and "Traceback" not in text, text[-4000:]
     meta = json.loads((out / "tokenize" / "embedded" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["clips"] == {"train": 7, "val": 5}  # the run wrote the sharded result
+
+
+@pytest.mark.slow
+def test_gpus_asked_on_a_machine_without_them_run_one_process(upstream, tmp_path):
+    """The paper profile's 8-GPU command, run where there is no GPU (snakemake -c2 on a workstation): one rank, not 8
+    CPU processes, and one line saying so; the result is the one-process result."""
+    out, env = upstream
+    res = _run([sys.executable, "-m", "nbp.launch", "--standalone", "--nproc_per_node=8", "-m", "nbp",
+                *_stage_args(out, "tokenize", "embedded")], env, tmp_path / "fit")
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-4000:]
+    assert "nbp: tokenize embedded: 8 processes per node asked, 0 GPU(s) here: running 1" in res.stderr, res.stderr[-2000:]
+    assert sorted(_ranks(tmp_path / "fit")) == [0]  # one stage process
+    meta = json.loads((out / "tokenize" / "embedded" / "meta.json").read_text())
+    assert meta.get("world_size", 1) == 1 and meta["clips"] == {"train": 7, "val": 5}
+
+
+def test_fit_to_gpus():
+    assert [fit_to_gpus("8", g) for g in (0, 1, 4, 8, 16)] == ["1", "1", "4", "8", "8"]
+    assert fit_to_gpus("gpu", 0) == "gpu" and fit_to_gpus("auto", 2) == "auto"  # torchrun's own words untouched
 
 
 def test_exit_codes_of_a_failed_rank():
