@@ -130,6 +130,28 @@ def plain_linears():
         PLAIN = old
 
 
+WIDE_THREADS = 0  # > 0 inside decode_threads(): the thread count for the linears worth parallelizing
+WIDE_MIN_BYTES = 32 << 20  # weights of at least this many bytes (the L3 size here) stream from memory: more cores
+WIDE_MIN_FLOPS = 256e6  # or matmuls of at least this much work (~3 ms of one core)
+
+
+@contextlib.contextmanager
+def decode_threads(threads: int = 1):
+    """Run small ops on ``threads`` threads, and the wide linears (:data:`WIDE_MIN_BYTES`,
+    :data:`WIDE_MIN_FLOPS`) on the thread count set before. A parallel region costs microseconds on idle cores
+    but up to a scheduler tick (4 ms) when other work shares them, far more than the work of a decode step's
+    small ops (layer norms, GELU, one block's attention: tens of microseconds); see results/speed.md."""
+    global WIDE_THREADS
+    wide, old = torch.get_num_threads(), WIDE_THREADS
+    WIDE_THREADS = wide
+    torch.set_num_threads(min(threads, wide))
+    try:
+        yield
+    finally:
+        WIDE_THREADS = old
+        torch.set_num_threads(wide)
+
+
 def _mkl_packed(w: torch.Tensor, rows: int):
     """MKL's packed sgemm weight for inputs of exactly ``rows`` rows (other row counts make ``_mkl_linear``
     fall back to plain linear), or None where this build has no MKL op."""
@@ -168,7 +190,7 @@ class LinearPack:
     missing or fails falls back to ``F.linear``."""
 
     def __init__(self):
-        self.packs: dict = {}  # (kind, M for mkl, lo, hi) -> (weight key, packed, weight, bias)
+        self.packs: dict = {}  # (kind, row bucket, lo, hi) -> (weight key, packed, weight, bias)
 
     def __getstate__(self) -> dict:
         return {"packs": {}}
@@ -187,26 +209,35 @@ class LinearPack:
         x2 = x.reshape(-1, K)  # [M, K]
         M = x2.shape[0]
         kind = pack_kind(M)
-        slot = (kind, M if kind == "mkl" else 0, lo, hi)
+        bucket = M if kind == "mkl" else (16 if M <= 64 else 0)  # oneDNN: a decode-step pack and a prefill pack
+        slot = (kind, bucket, lo, hi)
         key = self._key(w, b)
         entry = self.packs.get(slot)
         if entry is None or entry[0] != key:
             ws = w[lo:hi].detach()  # [hi-lo, K] (a row slice of a contiguous weight stays contiguous)
             bs = None if b is None else b[lo:hi].detach()
             try:
-                packed = PACKERS[kind](ws.contiguous(), M)
+                packed = PACKERS[kind](ws.contiguous(), bucket or M)  # the row count it is laid out for
             except RuntimeError:
                 packed = None
             entry = self.packs[slot] = (key, packed, ws, bs)
         _, packed, ws, bs = entry
-        y = None
-        if packed is not None:
-            try:
-                y = _run_packed(kind, x2.contiguous(), packed, ws, bs)  # [M, hi-lo]
-            except RuntimeError:  # the op exists but refuses this input: plain from now on
-                self.packs[slot] = (key, None, ws, bs)
-        if y is None:
-            y = F.linear(x2, ws, bs)  # [M, hi-lo]
+        wide = WIDE_THREADS and (ws.numel() * 4 >= WIDE_MIN_BYTES or 2 * M * ws.numel() >= WIDE_MIN_FLOPS)
+        if wide:
+            narrow = torch.get_num_threads()
+            torch.set_num_threads(WIDE_THREADS)
+        try:
+            y = None
+            if packed is not None:
+                try:
+                    y = _run_packed(kind, x2.contiguous(), packed, ws, bs)  # [M, hi-lo]
+                except RuntimeError:  # the op exists but refuses this input: plain from now on
+                    self.packs[slot] = (key, None, ws, bs)
+            if y is None:
+                y = F.linear(x2, ws, bs)  # [M, hi-lo]
+        finally:
+            if wide:
+                torch.set_num_threads(narrow)
         return y.view(*lead, hi - lo)  # [..., hi-lo]
 
 

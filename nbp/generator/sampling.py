@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from nbp.generator.layout import TaskLayout
-from nbp.generator.model import GPT, KVCache, plain_linears
+from nbp.generator.model import GPT, KVCache, decode_threads, plain_linears
 from nbp.tracking import progress
 
 # --------------------------------------------------------------------------------------
@@ -367,6 +367,8 @@ class StaticDecoder:
 # --------------------------------------------------------------------------------------
 # generation
 
+NARROW_THREADS = 1  # threads of a CPU decode step's small ops (fast path); the wide linears keep the caller's
+
 
 @torch.no_grad()
 def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
@@ -386,14 +388,15 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
     if fast and prefix_ids.device.type == "cpu":
         model.fast_cpu()
     with contextlib.nullcontext() if fast else plain_linears():
-        return _generate(model, task, prefix_ids, max_new_tokens, **kw)
+        return _generate(model, task, prefix_ids, max_new_tokens, narrow=fast and prefix_ids.device.type == "cpu", **kw)
 
 
 def _generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
               greedy: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
               cfg: float | None = None, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
-              show_progress: bool = False, on_step=None, decoder: str = "eager") -> torch.Tensor:
-    """:func:`generate` with the linears as they are."""
+              show_progress: bool = False, on_step=None, decoder: str = "eager", narrow: bool = False) -> torch.Tensor:
+    """:func:`generate` with the linears as they are; ``narrow``: the decode steps after the prefill run their
+    small ops on one thread (:func:`nbp.generator.model.decode_threads`)."""
     prefix_ids = prefix_ids.long()
     Bsz, dev = prefix_ids.shape[0], prefix_ids.device
     start_v = video_start(task)
@@ -417,27 +420,30 @@ def _generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_to
     out, pos, made = [ids], 0, done
     feed = ids
     steps = range(len(p.groups))
-    for s in progress(steps, desc="sampling", leave=False) if show_progress else steps:
-        if on_step is not None:
-            on_step(s)
-        x = feed.repeat(2, 1) if guided else feed  # [rows, n]
-        n = p.groups[s]  # the last n fed positions predict the next group
-        if s == 0:
-            logits = prefill(model, task, x, cache, uncond, last=n, vocab=(lo, hi))  # [rows, n, V_video]
-        elif static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]:
-            logits = static(x, pos, last=n)  # a whole block: no mask inside it
-        else:
-            logits = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid, vocab=(lo, hi))
-        pos += feed.shape[1]
-        if guided:
-            logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
-        new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=generator) + lo  # [B, n]
-        made += n
-        feed = new
-        if made == p.insert_after:
-            feed = torch.cat([new, torch.tensor(p.insert, device=dev)[None].expand(Bsz, -1)], dim=1)  # [B, n + B-1]
-        out.append(feed)
+    with contextlib.ExitStack() as threads:  # entered after the prefill (narrow)
+        for s in progress(steps, desc="sampling", leave=False) if show_progress else steps:
+            if on_step is not None:
+                on_step(s)
+            if s == 1 and narrow:
+                threads.enter_context(decode_threads(NARROW_THREADS))
+            x = feed.repeat(2, 1) if guided else feed  # [rows, n]
+            n = p.groups[s]  # the last n fed positions predict the next group
+            if s == 0:
+                logits = prefill(model, task, x, cache, uncond, last=n, vocab=(lo, hi))  # [rows, n, V_video]
+            elif static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]:
+                logits = static(x, pos, last=n)  # a whole block: no mask inside it
+            else:
+                logits = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid, vocab=(lo, hi))
+            pos += feed.shape[1]
+            if guided:
+                logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
+            new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator) + lo  # [B, n]
+            made += n
+            feed = new
+            if made == p.insert_after:
+                feed = torch.cat([new, torch.tensor(p.insert, device=dev)[None].expand(Bsz, -1)], dim=1)  # [B, n + B-1]
+            out.append(feed)
     return from_model_layout(task, torch.cat(out, dim=1))[:, : prefix_ids.shape[1] + num_new]
 
 
