@@ -5,14 +5,19 @@ Writes the ``sampling_speed`` section of ``results/speed.md`` (one section per d
 
 - generation of a K600-protocol video (2 latent context frames given, the remaining tokens generated) with
   block 1x1x16 (NBP) and 1x1x1 (NTP), batch 1: greedy, the released evaluation filter (top-k 16,000, top-p
-  0.9) with our sort-free sampler, and (NBP) the same filter with the sort-based reference draw. Runs are
-  interleaved (each repeat runs every setting once, greedy and sampled back to back), reported as median and
-  min-max over the repeats, with the load average before and after (the tokenizer is not included here;
-  ``eval_generator``'s ``fps`` includes it);
-- one decode step of a block at a given prefix: our cached step (slices of the preallocated cache), the
-  fixed-shape step (:meth:`GPT.static_step`), the *bare* forward (the same matmuls, layer norms and attention
-  as plain functional calls over ready-made keys/values: no cache writes, masks or module calls) and a full
-  forward over prefix + block (what a sampler without a cache pays).
+  0.9) with our sort-free sampler, and (NBP) the same filter with the sort-based reference draw; each with the
+  fast CPU linears (``generate``'s default: packed weights, small ops of a decode step on one thread) and,
+  for comparison, greedy (and NBP sampled) with the plain path (``fast=False``: ``F.linear``, every op on all
+  threads). Runs are interleaved (each repeat runs every setting once, greedy and sampled back to back),
+  reported as median and min-max over the repeats, with the load average before and after (the tokenizer is
+  not included here; ``eval_generator``'s ``fps`` includes it);
+- one decode step of a block at a given prefix, fast and plain: our cached step (slices of the preallocated
+  cache), the fixed-shape step (:meth:`GPT.static_step`), the *bare* forward (the same matmuls, with the same
+  linear kernels and threads, layer norms and attention as plain functional calls over ready-made keys/values:
+  no cache writes, masks or module calls) and a full forward over prefix + block (what a sampler without a
+  cache pays);
+- the hardware limits: weight and cache bytes per step over the measured read bandwidth, FLOPs over the
+  measured sgemm rate, and the fraction of that limit each generation reaches.
 
     python benchmarks/sampling_speed.py                       # 4 layers, width 512, 64K vocabulary (the issue's setting)
     python benchmarks/sampling_speed.py --profile             # also: torch.profiler summary of one NBP sampled run
@@ -35,13 +40,14 @@ import torch.nn.functional as F
 
 from nbp.generator import sampling as S
 from nbp.generator.layout import BlockLayout, TaskLayout
-from nbp.generator.model import GPT, GPTConfig, KVCache
+from nbp.generator.model import GPT, GPTConfig, KVCache, decode_threads, fast_linear, plain_linears
 from nbp.io import write_markdown_section
 
 KEY = "sampling_speed"
 LOADS: list[float] = []  # 1-minute load average after each timed generation
 FILTERS = {"greedy": dict(greedy=True), "top-k 16000, top-p 0.9": dict(top_k=16000, top_p=0.9)}
 REFERENCE = "top-k 16000, top-p 0.9, sort-based reference draw"
+SAMPLED = "top-k 16000, top-p 0.9"
 
 
 def sync(device: torch.device) -> None:
@@ -76,12 +82,15 @@ def frame_task(grid, block, vocab, context_frames) -> TaskLayout:
     return TaskLayout("frame_pred", BlockLayout(tuple(grid), tuple(block)), vocab, context_frames=context_frames)
 
 
-def settings(a) -> list[tuple[str, tuple, str]]:
+def settings(a) -> list[tuple[str, tuple, str, bool]]:
+    """(mode, block, filter, fast linears) of every generation row."""
     out = []
     for mode, block in (("NBP", (1, 1, a.block)), ("NTP", (1, 1, 1))):
-        out += [(mode, block, f) for f in FILTERS]
+        out += [(mode, block, f, True) for f in FILTERS]
         if mode == "NBP" and a.reference:
-            out.append((mode, block, REFERENCE))
+            out.append((mode, block, REFERENCE, True))
+        if a.plain:
+            out += [(mode, block, f, False) for f in (FILTERS if mode == "NBP" else ["greedy"])]
     return out
 
 
@@ -89,15 +98,16 @@ def bench_generation(model, a, device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     context = torch.randint(0, a.vocab, (a.batch, *a.grid), generator=g)
     runs = {}
-    for mode, block, fname in settings(a):
+    for mode, block, fname, fast in settings(a):
         task = frame_task(a.grid, block, a.vocab, a.context_frames)
-        kw = FILTERS.get(fname, FILTERS["top-k 16000, top-p 0.9"])
+        kw = FILTERS.get(fname, FILTERS[SAMPLED])
         rng = torch.Generator(device=device).manual_seed(0)
         prompt = S.prompt_ids(task, context=context).to(device)
-        runs[(mode, fname)] = (task, functools.partial(S.generate, model, task, prompt, generator=rng, **kw))
-    for key, (_, fn) in runs.items():  # warm-up, one each
+        runs[(mode, fname, fast)] = (task, functools.partial(S.generate, model, task, prompt, generator=rng, fast=fast, **kw))
+    outs = {}
+    for key, (_, fn) in runs.items():  # warm-up, one each (and the packs are built)
         with reference_draw() if key[1] == REFERENCE else contextlib.nullcontext():
-            fn()
+            outs[key] = fn()
     times = {key: [] for key in runs}
     for _ in range(a.repeats):
         for key, (_, fn) in runs.items():
@@ -105,36 +115,46 @@ def bench_generation(model, a, device) -> list[dict]:
                 times[key].append(once(fn, device))
             LOADS.append(os.getloadavg()[0])
     rows = []
-    for (mode, fname), (task, _) in runs.items():
+    for (mode, fname, fast), (task, _) in runs.items():
         new = task.num_tokens - task.context_len
-        sp = spread(times[(mode, fname)])
-        rows.append({"mode": mode, "block": "x".join(map(str, task.layout.block)), "filter": fname, "steps": S.count_steps(task),
-                     **sp, "tokens_per_s": a.batch * new / sp["median"]})
+        sp = spread(times[(mode, fname, fast)])
+        same = None if fast or fname != "greedy" else torch.equal(outs[(mode, fname, True)], outs[(mode, fname, False)])
+        rows.append({"mode": mode, "block": "x".join(map(str, task.layout.block)), "filter": fname, "fast": fast,
+                     "steps": S.count_steps(task), **sp, "tokens_per_s": a.batch * new / sp["median"], "same": same,
+                     "task": task})
     return rows
 
 
-def bare_forward(model: GPT, ids: torch.Tensor, start: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def bare_forward(model: GPT, ids: torch.Tensor, start: int, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                 fast: bool = False) -> torch.Tensor:
     """The decode step's arithmetic as plain functional calls: ids [B, n] at positions start.., keys/values
-    per layer ready [B, nh, start+n, hs] -> logits [B, n, V]."""
+    per layer ready [B, nh, start+n, hs] -> logits [B, n, V]. ``fast``: the linears through the model's packs
+    (:meth:`GPT.fast_cpu`), the same kernels as the fast cached step."""
     B, n = ids.shape
     C = model.config.n_embd
     nh = model.config.n_head
+
+    def lin(x, m):
+        return fast_linear(x, m.weight, m.bias, m.__dict__.get("pack") if fast else None)
+
     x = F.embedding(ids, model.tok_emb.weight) + model.pos_emb[0, start:start + n]  # [B, n, C]
     for blk, (k, v) in zip(model.blocks, kv):
         at = blk.attn
         h = F.layer_norm(x, (C,), blk.ln1.weight, blk.ln1.bias)
-        q = F.linear(h, at.query.weight, at.query.bias).view(B, n, nh, C // nh).transpose(1, 2)  # [B, nh, n, hs]
-        F.linear(h, at.key.weight, at.key.bias)  # the new keys/values are computed (and dropped) as in a real step
-        F.linear(h, at.value.weight, at.value.bias)
+        q = lin(h, at.query).view(B, n, nh, C // nh).transpose(1, 2)  # [B, nh, n, hs]
+        lin(h, at.key)  # the new keys/values are computed (and dropped) as in a real step
+        lin(h, at.value)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, C)  # [B, n, C]
-        x = x + F.linear(y, at.proj.weight, at.proj.bias)
+        x = x + lin(y, at.proj)
         h = F.layer_norm(x, (C,), blk.ln2.weight, blk.ln2.bias)
-        x = x + F.linear(F.gelu(F.linear(h, blk.mlp[0].weight, blk.mlp[0].bias)), blk.mlp[2].weight, blk.mlp[2].bias)
-    return F.linear(F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias), model.head.weight)
+        x = x + lin(F.gelu(lin(h, blk.mlp[0])), blk.mlp[2])
+    return lin(F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias), model.head)
 
 
 def bench_step(model, a, device) -> list[dict]:
+    """One decode step, fast (packs, small ops on one thread as in ``generate``) and plain (``F.linear``)."""
     rows = []
+    narrow = device.type == "cpu"
     for mode, block in (("NBP", (1, 1, a.block)), ("NTP", (1, 1, 1))):
         task = frame_task(a.grid, block, a.vocab, a.context_frames)
         B, P = task.block_size, a.prefix
@@ -145,38 +165,98 @@ def bench_step(model, a, device) -> list[dict]:
             S.decode_step(model, task, ids[:, P:], cache, P)
             kv = [(cache.k[i].clone(), cache.v[i].clone()) for i in range(model.config.n_layer)]  # [B, nh, P+B, hs]
             start = torch.tensor(P, device=device)
-            fns = {"cached": functools.partial(S.decode_step, model, task, ids[:, P:], cache, P),
-                   "static": functools.partial(model.static_step, ids[:, P:], start, cache),
-                   "bare": functools.partial(bare_forward, model, ids[:, P:], P, kv),
-                   "full": functools.partial(model, ids, task.dense_mask(P + B, device=device))}
-            for fn in fns.values():
-                fn()
+            step = {"cached": functools.partial(S.decode_step, model, task, ids[:, P:], cache, P),
+                    "static": functools.partial(model.static_step, ids[:, P:], start, cache),
+                    "full": functools.partial(model, ids, task.dense_mask(P + B, device=device))}
+            fns = {}
+            for fast in (True, False):
+                tag = "" if fast else "plain_"
+                for name, fn in step.items():
+                    fns[tag + name] = (fast, fn)
+                fns[tag + "bare"] = (fast, functools.partial(bare_forward, model, ids[:, P:], P, kv, fast))
+
+            def run(fast, fn):
+                with (decode_threads() if fast and narrow else contextlib.nullcontext()), \
+                        (contextlib.nullcontext() if fast else plain_linears()):
+                    return once(fn, device)
+
+            for fast, fn in fns.values():
+                run(fast, fn)
             t = {name: [] for name in fns}
             for r in range(a.repeats * 5):  # interleaved
-                for name, fn in fns.items():
-                    if name != "full" or r % 5 == 0:
-                        t[name].append(once(fn, device))
+                for name, (fast, fn) in fns.items():
+                    if not name.endswith("full") or r % 5 == 0:
+                        t[name].append(run(fast, fn))
         med = {name: spread(v) for name, v in t.items()}
         rows.append({"mode": mode, "prefix": P, "new": B, **{f"{n}_ms": {k: 1e3 * x for k, x in s.items() if k != "n"}
                                                             for n, s in med.items()}, "n": med["cached"]["n"]})
     return rows
 
 
-def profile_summary(model, a, device, rows: int = 12) -> str:
-    """torch.profiler tables (self CPU time) of one NBP sampled generation, reference draw then sort-free."""
+def hardware(a, device) -> dict:
+    """Measured read bandwidth (sum over 256 MB) and sgemm rate (2048^3), median of 5, on the set threads."""
+    if device.type != "cpu":
+        return {}
+    n = (256 << 20) // 4 if not a.tiny else (8 << 20) // 4
+    x = torch.ones(n)
+    bw = [x.numel() * 4 / once(x.sum, device) for _ in range(6)][1:]
+    m = 2048 if not a.tiny else 256
+    p, q = torch.randn(m, m), torch.randn(m, m)
+    fl = [2 * m ** 3 / once(lambda: p @ q, device) for _ in range(6)][1:]
+    return {"bw": statistics.median(bw), "flops": statistics.median(fl), "bw_range": (min(bw), max(bw)),
+            "flops_range": (min(fl), max(fl)), "bw_mb": n * 4 >> 20, "m": m}
+
+
+def step_cost(model: GPT, n: int, prefix: int, vocab: int, last: int | None = None) -> tuple[float, float]:
+    """(bytes read, FLOPs) of one forward of n new tokens after ``prefix`` cached ones, head over ``vocab`` ids
+    for the ``last`` positions (default n): every block and head weight once, the cache of every layer once."""
+    c = model.config
+    C, L = c.n_embd, c.n_layer
+    block = sum(m.weight.numel() + m.bias.numel() for b in model.blocks
+                for m in (b.attn.query, b.attn.key, b.attn.value, b.attn.proj, b.mlp[0], b.mlp[2]))
+    head = vocab * C
+    kv = 2 * L * (prefix + n) * C
+    flops = 2 * n * block + 2 * (last or n) * head + 4 * L * n * (prefix + n) * C  # matmuls + attention (QK^T, AV)
+    return 4.0 * (block + head + kv), float(flops)
+
+
+def generation_limit(model: GPT, task, hw: dict) -> float:
+    """Seconds one generation needs at the measured limits: the prefill at the sgemm rate, every decode step at
+    max(bytes / bandwidth, FLOPs / sgemm rate)."""
+    p = S.plan(task, task.context_len, task.num_tokens - task.context_len)
+    P = task.context_len
+    _, f0 = step_cost(model, P, 0, task.video_vocab, last=p.groups[0])
+    total, pos = f0 / hw["flops"], P
+    for g in p.groups[:-1]:  # the step after group s feeds it (the last group is not fed)
+        by, fl = step_cost(model, g, pos, task.video_vocab)
+        total += max(by / hw["bw"], fl / hw["flops"])
+        pos += g
+    return total
+
+
+def profile_runs(model, a, device, rows: int = 12) -> tuple[str, list[tuple[str, float, list]]]:
+    """torch.profiler (self CPU time) of one NBP sampled generation and one NTP greedy generation of
+    ``a.profile_ntp`` tokens, plain path then fast path -> (printed tables, [(name, seconds, top ops)])."""
     from torch.profiler import ProfilerActivity, profile
 
-    task = frame_task(a.grid, (1, 1, a.block), a.vocab, a.context_frames)
     context = torch.randint(0, a.vocab, (a.batch, *a.grid), generator=torch.Generator().manual_seed(0))
-    prompt = S.prompt_ids(task, context=context).to(device)
-    out = []
-    for name, ctx in (("reference draw", reference_draw), ("sort-free draw", contextlib.nullcontext)):
-        with ctx():
-            S.generate(model, task, prompt, generator=torch.Generator().manual_seed(0), **FILTERS["top-k 16000, top-p 0.9"])
+    out, summary = [], []
+    for mode, block, fname, new in (("NBP", (1, 1, a.block), SAMPLED, None), ("NTP", (1, 1, 1), "greedy", a.profile_ntp)):
+        task = frame_task(a.grid, block, a.vocab, a.context_frames)
+        prompt = S.prompt_ids(task, context=context).to(device)
+        for fast in (False, True):
+            name = f"{mode} {fname}{'' if new is None else f', {new} new tokens'}, {'fast' if fast else 'plain'}"
+            fn = functools.partial(S.generate, model, task, prompt, new, generator=torch.Generator().manual_seed(0),
+                                   fast=fast, **FILTERS[fname])
+            fn()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                S.generate(model, task, prompt, generator=torch.Generator().manual_seed(0), **FILTERS["top-k 16000, top-p 0.9"])
-        out.append(f"== NBP sampled, {name} ==\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    return "\n".join(out)
+                sec = once(fn, device)
+            ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in ev)
+            summary.append((name, sec, [(e.key, e.self_cpu_time_total / total, e.count) for e in ev[:5]]))
+            out.append(f"== {name}: {sec:.2f} s ==\n" + prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                                    row_limit=rows))
+    return "\n".join(out), summary
 
 
 def device_label(device: torch.device) -> str:
@@ -189,34 +269,74 @@ def fmt(s: dict, digits: int = 2) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
-def markdown(gen_rows, step_rows, a, device, cmd, load) -> str:
+def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> str:
     during = f", {min(LOADS):.2f}-{max(LOADS):.2f} during the generation runs" if LOADS else ""
     lines = [f"Device: {device_label(device)}; load average (1 min) {load[0]:.2f} before, {load[1]:.2f} after{during} "
              f"(other work on the machine inflates times). Model: {a.n_layer} layers, width {a.n_embd}, {a.n_head} heads, "
              f"vocabulary {a.vocab:,}, random weights (the same for NBP and NTP), batch {a.batch}; grid "
              f"{'x'.join(map(str, a.grid))}, {a.context_frames} latent context frames. Seconds: median (min-max) of "
              f"{gen_rows[0]['n']} interleaved repeats after one warm-up. Command: `{cmd}`.", "",
-             "| mode | block | filter | forward passes | seconds | tokens/s |", "|---|---|---|---|---|---|"]
+             "Linears: *fast* is `generate`'s default on CPU (packed fp32 weights: MKL packed sgemm for one row, oneDNN "
+             "for more; the head over the sampled ids only; a decode step's small ops on one thread, the wide "
+             "linears on all); *plain* is `generate(..., fast=False)` (`F.linear`, every op on all threads).", "",
+             "| mode | block | linears | filter | forward passes | seconds | tokens/s | limit s | of the limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in gen_rows:
-        lines.append(f"| {r['mode']} | {r['block']} | {r['filter']} | {r['steps']} | {fmt(r)} | {r['tokens_per_s']:,.0f} |")
-    by = {(r["mode"], r["filter"]): r["median"] for r in gen_rows}
-    sampled = "top-k 16000, top-p 0.9"
-    notes = ["NBP speed-up over NTP (same weights): " + "; ".join(
-        f"{f}: {by[('NTP', f)] / by[('NBP', f)]:.1f}x" for f in FILTERS) + "."]
-    ref = by.get(("NBP", REFERENCE))
-    notes.append(f"Sampled / greedy: NBP {by[('NBP', sampled)] / by[('NBP', 'greedy')]:.2f}, "
-                 f"NTP {by[('NTP', sampled)] / by[('NTP', 'greedy')]:.2f}"
-                 + (f"; NBP with the reference draw {ref / by[('NBP', 'greedy')]:.2f}." if ref else "."))
+        lim = generation_limit(r["model"], r["task"], hw) if hw else None
+        lim_s = f"{lim:.2f} | {lim / r['median']:.0%}" if lim else "- | -"
+        same = "" if r["same"] is None else (" (same ids as fast)" if r["same"] else " (ids DIFFER from fast)")
+        lines.append(f"| {r['mode']} | {r['block']} | {'fast' if r['fast'] else 'plain' + same} | {r['filter']} | "
+                     f"{r['steps']} | {fmt(r)} | {r['tokens_per_s']:,.0f} | {lim_s} |")
+    by = {(r["mode"], r["filter"], r["fast"]): r["median"] for r in gen_rows}
+    notes = ["NBP speed-up over NTP (same weights, fast): " + "; ".join(
+        f"{f}: {by[('NTP', f, True)] / by[('NBP', f, True)]:.1f}x" for f in FILTERS) + "."]
+    ref = by.get(("NBP", REFERENCE, True))
+    notes.append(f"Sampled / greedy (fast): NBP {by[('NBP', SAMPLED, True)] / by[('NBP', 'greedy', True)]:.2f}, "
+                 f"NTP {by[('NTP', SAMPLED, True)] / by[('NTP', 'greedy', True)]:.2f}"
+                 + (f"; NBP with the reference draw {ref / by[('NBP', 'greedy', True)]:.2f}." if ref else "."))
+    plain = [f"{m} {f}: {by[(m, f, False)] / by[(m, f, True)]:.1f}x" for m in ("NBP", "NTP") for f in FILTERS
+             if (m, f, False) in by]
+    if plain:
+        notes.append("Fast over plain: " + "; ".join(plain) + ".")
     n_step = step_rows[0]["n"]
     lines += ["", *notes, "",
-              f"One decode step, ms: median (min-max) of {n_step} interleaved runs (the full forward: every fifth).", "",
-              "| mode | prefix | new tokens | cached step | fixed-shape step | bare forward | cached / bare | full forward "
-              "| full / cached |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"One decode step, ms: median (min-max) of {n_step} interleaved runs (the full forward: every fifth). The "
+              "bare forward runs the same linears (fast: the same packs and threads) as plain functional calls over "
+              "ready keys/values.", "",
+              "| mode | prefix | new tokens | linears | cached step | fixed-shape step | bare forward | cached / bare "
+              "| full forward | full / cached | limit ms | of the limit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in step_rows:
-        c, st, b, f = r["cached_ms"], r["static_ms"], r["bare_ms"], r["full_ms"]
-        lines.append(f"| {r['mode']} | {r['prefix']} | {r['new']} | {fmt(c)} | {fmt(st)} | {fmt(b)} | "
-                     f"{c['median'] / b['median']:.2f} | {fmt(f, 1)} | {f['median'] / c['median']:.1f}x |")
+        for tag, label in (("", "fast"), ("plain_", "plain")):
+            c, st, b, f = (r[f"{tag}{k}_ms"] for k in ("cached", "static", "bare", "full"))
+            lim = ""
+            if hw:
+                by_, fl = step_cost(r["model"], r["new"], r["prefix"], a.vocab)
+                ms = 1e3 * max(by_ / hw["bw"], fl / hw["flops"])
+                lim = f"{ms:.2f} | {ms / c['median']:.0%}"
+            else:
+                lim = "- | -"
+            lines.append(f"| {r['mode']} | {r['prefix']} | {r['new']} | {label} | {fmt(c)} | {fmt(st)} | {fmt(b)} | "
+                         f"{c['median'] / b['median']:.2f} | {fmt(f, 1)} | {f['median'] / c['median']:.1f}x | {lim} |")
+    if hw:
+        m = step_rows[0]["model"]
+        lines += ["", f"Hardware limits (measured in this run, {torch.get_num_threads()} threads): read bandwidth "
+                  f"{hw['bw'] / 1e9:.1f} GB/s ({hw['bw_range'][0] / 1e9:.1f}-{hw['bw_range'][1] / 1e9:.1f}; `x.sum()` "
+                  f"over {hw['bw_mb']} MB), sgemm {hw['flops'] / 1e9:.0f} GFLOP/s ({hw['flops_range'][0] / 1e9:.0f}-"
+                  f"{hw['flops_range'][1] / 1e9:.0f}; {hw['m']}^3), median of 5 each. A step's limit is max(bytes / "
+                  "bandwidth, FLOPs / sgemm rate); a generation's is the prefill's FLOPs / sgemm rate plus every "
+                  "step's limit; *of the limit* = limit / measured median."]
+        for r in step_rows:
+            by_, fl = step_cost(m, r["new"], r["prefix"], a.vocab)
+            lines.append(f"- {r['mode']} step ({r['new']} new after {r['prefix']}): {by_ / 1e6:.0f} MB read (weights "
+                         f"and cache), {fl / 1e9:.2f} GFLOP -> {1e3 * by_ / hw['bw']:.2f} ms at the bandwidth, "
+                         f"{1e3 * fl / hw['flops']:.2f} ms at the sgemm rate.")
+    if prof:
+        lines += ["", "Where the time goes (torch.profiler, self CPU time; one run each, after a warm-up):", "",
+                  "| run | seconds | top ops (share of self CPU time, calls) |", "|---|---|---|"]
+        for name, sec, top in prof:
+            ops = "; ".join(f"{k} {sh:.0%} ({n})" for k, sh, n in top)
+            lines.append(f"| {name} | {sec:.2f} | {ops} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,12 +355,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference-draw rows")
+    p.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain-path generation rows")
+    p.add_argument("--profile-ntp", type=int, default=64, help="new tokens of the profiled NTP run")
     p.add_argument("--profile", action="store_true", help="print torch.profiler summaries of one NBP sampled run")
     p.add_argument("--tiny", action="store_true", help="smoke size: 1 layer, width 64, grid 3x4x4, 20,000 codes")
     p.add_argument("--md", default="results/speed.md", help="'' to write nothing")
     a = p.parse_args(argv)
     if a.tiny:
         a.n_layer, a.n_embd, a.n_head, a.vocab, a.grid, a.block, a.context_frames, a.prefix = 1, 64, 2, 20000, [3, 4, 4], 4, 1, 32
+        a.profile_ntp = 4
     return a
 
 
@@ -255,13 +378,18 @@ def main(argv=None) -> int:
     print(f"load average before: {os.getloadavg()}", flush=True)
     gen_rows = bench_generation(model, a, device)
     step_rows = bench_step(model, a, device)
+    for r in gen_rows + step_rows:
+        r["model"] = model
+    hw = hardware(a, device)
+    prof = None
+    if a.profile:
+        tables, prof = profile_runs(model, a, device)
+        print(tables)
     load1 = os.getloadavg()[0]
     print(f"load average after: {os.getloadavg()}", flush=True)
     cmd = "python benchmarks/sampling_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    body = markdown(gen_rows, step_rows, a, device, cmd.strip(), (load0, load1))
+    body = markdown(gen_rows, step_rows, a, device, cmd.strip(), (load0, load1), hw, prof)
     print(body)
-    if a.profile:
-        print(profile_summary(model, a, device))
     if a.md:
         title = f"Sampling: NBP vs NTP, greedy vs sampled, cached step vs bare forward ({device.type})"
         write_markdown_section(Path(a.md), f"{KEY}_{device.type}", title, body)

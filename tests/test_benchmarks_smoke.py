@@ -33,8 +33,11 @@ def test_sampling_speed_tiny(tmp_path):
     out = _run("sampling_speed.py", "--tiny", "--repeats", "1", "--threads", "1", "--md", str(md))
     assert "load average before" in out
     body = _section(md, "sampling_speed_cpu")
-    assert body.count("| NBP |") == 4 and body.count("| NTP |") == 3  # 3 generation rows + 1 step row, 2 + 1
-    assert "sort-based reference draw" in body and "bare forward" in body
+    # NBP: 5 generation rows (fast greedy, sampled, reference draw; plain greedy, sampled) + 2 step rows (fast,
+    # plain); NTP: 3 (fast greedy, sampled; plain greedy) + 2
+    assert body.count("| NBP |") == 7 and body.count("| NTP |") == 5
+    assert "sort-based reference draw" in body and "bare forward" in body and "Hardware limits" in body
+    assert "(same ids as fast)" in body  # greedy plain and fast agree
 
 
 def test_gpu_decode_tiny_on_cpu(tmp_path):

@@ -11,6 +11,7 @@ may attend; SDPA) or a FlexAttention ``BlockMask`` (see :mod:`nbp.generator.layo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -112,6 +113,154 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+# --------------------------------------------------------------------------------------
+# fast CPU inference: packed copies of the linear weights (inference-only derived state, never saved)
+
+PLAIN = False  # True (see plain_linears): every linear through F.linear, packs or not (comparison runs)
+
+
+@contextlib.contextmanager
+def plain_linears():
+    """Run the block's forwards with plain ``F.linear`` even where packs are attached."""
+    global PLAIN
+    old, PLAIN = PLAIN, True
+    try:
+        yield
+    finally:
+        PLAIN = old
+
+
+WIDE_THREADS = 0  # > 0 inside decode_threads(): the thread count for the linears worth parallelizing
+WIDE_MIN_BYTES = 32 << 20  # weights of at least this many bytes (the L3 size here) stream from memory: more cores
+WIDE_MIN_FLOPS = 256e6  # or matmuls of at least this much work (~3 ms of one core)
+
+
+@contextlib.contextmanager
+def decode_threads(threads: int = 1):
+    """Run small ops on ``threads`` threads, and the wide linears (:data:`WIDE_MIN_BYTES`,
+    :data:`WIDE_MIN_FLOPS`) on the thread count set before. A parallel region costs microseconds on idle cores
+    but up to a scheduler tick (4 ms) when other work shares them, far more than the work of a decode step's
+    small ops (layer norms, GELU, one block's attention: tens of microseconds); see results/speed.md."""
+    global WIDE_THREADS
+    wide, old = torch.get_num_threads(), WIDE_THREADS
+    WIDE_THREADS = wide
+    torch.set_num_threads(min(threads, wide))
+    try:
+        yield
+    finally:
+        WIDE_THREADS = old
+        torch.set_num_threads(wide)
+
+
+def _mkl_packed(w: torch.Tensor, rows: int):
+    """MKL's packed sgemm weight for inputs of exactly ``rows`` rows (other row counts make ``_mkl_linear``
+    fall back to plain linear), or None where this build has no MKL op."""
+    if not hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"):
+        return None
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+
+
+def _dnnl_packed(w: torch.Tensor, rows: int):
+    """oneDNN's reordered weight (any row count), or None where this build has no oneDNN op."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+
+PACKERS = {"mkl": _mkl_packed, "dnnl": _dnnl_packed}
+
+
+def pack_kind(rows: int) -> str:
+    """The matmul for an fp32 CPU linear of ``rows`` input rows (a fixed rule from the measurements in
+    results/speed.md): one row, MKL's packed sgemm (its sgemv path reads the weight at a fraction of the
+    bandwidth); more rows, oneDNN's reordered weight (2-7x MKL's sgemm for 16-32 rows on this CPU)."""
+    return "mkl" if rows == 1 else "dnnl"
+
+
+def _run_packed(kind: str, x: torch.Tensor, packed, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if kind == "mkl":
+        return torch.ops.mkl._mkl_linear(x, packed, w, b, x.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+class LinearPack:
+    """Packed copies of one weight [N, K] (or of its rows lo:hi), one per matmul kind, built on first use from
+    the weight and rebuilt when the weight or bias changes (storage or in-place version). Not a parameter or
+    buffer: state dicts never see it, and pickling drops it (rebuilt on the next call). A kind whose op is
+    missing or fails falls back to ``F.linear``."""
+
+    def __init__(self):
+        self.packs: dict = {}  # (kind, row bucket, lo, hi) -> (weight key, packed, weight, bias)
+
+    def __getstate__(self) -> dict:
+        return {"packs": {}}
+
+    def clear(self) -> None:
+        self.packs.clear()
+
+    @staticmethod
+    def _key(w: torch.Tensor, b: torch.Tensor | None) -> tuple:
+        return (w.data_ptr(), w._version, w.shape, None if b is None else (b.data_ptr(), b._version))
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, span: tuple[int, int] | None) -> torch.Tensor:
+        """x [..., K] -> ``F.linear(x, w[lo:hi], b[lo:hi])`` [..., hi-lo] (``span`` (lo, hi); None: all rows)."""
+        lo, hi = span if span is not None else (0, w.shape[0])
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)  # [M, K]
+        M = x2.shape[0]
+        kind = pack_kind(M)
+        bucket = M if kind == "mkl" else (16 if M <= 64 else 0)  # oneDNN: a decode-step pack and a prefill pack
+        slot = (kind, bucket, lo, hi)
+        key = self._key(w, b)
+        entry = self.packs.get(slot)
+        if entry is None or entry[0] != key:
+            ws = w[lo:hi].detach()  # [hi-lo, K] (a row slice of a contiguous weight stays contiguous)
+            bs = None if b is None else b[lo:hi].detach()
+            try:
+                packed = PACKERS[kind](ws.contiguous(), bucket or M)  # the row count it is laid out for
+            except RuntimeError:
+                packed = None
+            entry = self.packs[slot] = (key, packed, ws, bs)
+        _, packed, ws, bs = entry
+        wide = WIDE_THREADS and (ws.numel() * 4 >= WIDE_MIN_BYTES or 2 * M * ws.numel() >= WIDE_MIN_FLOPS)
+        if wide:
+            narrow = torch.get_num_threads()
+            torch.set_num_threads(WIDE_THREADS)
+        try:
+            y = None
+            if packed is not None:
+                try:
+                    y = _run_packed(kind, x2.contiguous(), packed, ws, bs)  # [M, hi-lo]
+                except RuntimeError:  # the op exists but refuses this input: plain from now on
+                    self.packs[slot] = (key, None, ws, bs)
+            if y is None:
+                y = F.linear(x2, ws, bs)  # [M, hi-lo]
+        finally:
+            if wide:
+                torch.set_num_threads(narrow)
+        return y.view(*lead, hi - lo)  # [..., hi-lo]
+
+
+def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pack: LinearPack | None,
+                span: tuple[int, int] | None = None) -> torch.Tensor:
+    """``F.linear(x, w[lo:hi], b[lo:hi])`` (``span`` (lo, hi); None: all rows): through the pack for fp32 CPU
+    inference (no gradient, not under ``torch.compile``), else plain."""
+    if (pack is not None and not PLAIN and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == w.dtype == torch.float32 and not torch.compiler.is_compiling()):
+        return pack(x, w, b, span)
+    if span is not None:
+        w, b = w[span[0]:span[1]], None if b is None else b[span[0]:span[1]]
+    return F.linear(x, w, b)
+
+
+def linear(m: nn.Linear, x: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
+    """``m(x)`` (its outputs lo:hi only, ``span``), through ``m.pack`` when :meth:`GPT.fast_cpu` attached one."""
+    pack = m.__dict__.get("pack")
+    if pack is None and span is None:
+        return m(x)
+    return fast_linear(x, m.weight, m.bias, pack, span)
+
+
 _compiled_flex = None
 
 
@@ -167,8 +316,9 @@ class SelfAttention(nn.Module):
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, L, C] -> q, k, v [B, L, C] (one matmul when fused and no gradient is needed)."""
         if self.fused and not torch.is_grad_enabled():
-            return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)  # 3 x [B, L, C]
-        return self.query(x), self.key(x), self.value(x)
+            qkv = fast_linear(x, self.qkv_weight, self.qkv_bias, self.__dict__.get("qkv_pack"))  # [B, L, 3C]
+            return qkv.chunk(3, dim=-1)  # 3 x [B, L, C]
+        return linear(self.query, x), linear(self.key, x), linear(self.value, x)
 
     def forward(self, x, mask, cache: KVCache | None = None, layer: int = 0, start: int | torch.Tensor = 0):
         """``start`` an int: cache slots [start, start+L) by slicing; a tensor of positions [L]: static
@@ -186,7 +336,7 @@ class SelfAttention(nn.Module):
                 k, v = cache.update(layer, start, k, v)  # [B, nh, start+L, hs]
         y = attend(q, k, v, mask)  # [B, nh, L, hs]
         y = y.transpose(1, 2).reshape(B, L, C)  # [B, L, C]
-        return self.resid_drop(self.proj(y))
+        return self.resid_drop(linear(self.proj, y))
 
 
 class Block(nn.Module):
@@ -200,7 +350,12 @@ class Block(nn.Module):
 
     def forward(self, x, mask, cache=None, layer=0, start=0):
         x = x + self.attn(self.ln1(x), mask, cache, layer, start)
-        return x + self.mlp(self.ln2(x))
+        return x + self.ffn(self.ln2(x))
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(h)``, each Linear through :func:`linear` (its pack, when attached)."""
+        m = self.mlp
+        return m[3](linear(m[2], m[1](linear(m[0], h))))
 
 
 class GPT(nn.Module):
@@ -248,6 +403,37 @@ class GPT(nn.Module):
         self.to(device=device, dtype=dtype).eval()
         return self.fuse_qkv() if fuse_qkv else self
 
+    def fast_cpu(self, enabled: bool = True) -> GPT:
+        """Attach (or drop) packed copies of every block linear and of the head for fp32 CPU inference
+        (:class:`LinearPack`: built on first use per input row count, rebuilt when a weight changes, never in
+        the state dict). Forwards without gradient on CPU in fp32 then use them; training, other dtypes and
+        devices keep ``F.linear``. Idempotent."""
+        mods = [self.head] + [m for b in self.blocks for m in (b.attn.query, b.attn.key, b.attn.value, b.attn.proj,
+                                                                 b.mlp[0], b.mlp[2])]
+        for m in mods:
+            if not enabled:
+                m.__dict__.pop("pack", None)
+            elif m.__dict__.get("pack") is None:
+                m.pack = LinearPack()
+        for b in self.blocks:
+            if not enabled:
+                b.attn.__dict__.pop("qkv_pack", None)
+            elif b.attn.__dict__.get("qkv_pack") is None:
+                b.attn.qkv_pack = LinearPack()
+        return self
+
+    def packs(self) -> list[LinearPack]:
+        """The attached packs (empty without :meth:`fast_cpu`)."""
+        out = [m.__dict__.get("pack") for m in self.modules() if isinstance(m, nn.Linear)]
+        out += [b.attn.__dict__.get("qkv_pack") for b in self.blocks]
+        return [p for p in out if p is not None]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        for p in self.packs():  # a move or cast: the packed copies are of the old weights
+            p.clear()
+        return out
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.pos_emb.numel() - self.tok_emb.weight.numel()
@@ -265,24 +451,28 @@ class GPT(nn.Module):
         return x + self.pos_emb[:, start:start + L]
 
     def forward(self, idx: torch.Tensor, mask=None, *, cache: KVCache | None = None, start: int = 0,
-                uncond: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+                uncond: torch.Tensor | None = None, last: int | None = None,
+                vocab: tuple[int, int] | None = None) -> torch.Tensor:
         """idx [B, L] ids at positions start..start+L-1 -> logits [B, L, V].
 
         mask: bool [L, start+L] (True = may attend), a FlexAttention BlockMask, or None (full attention).
         uncond: bool [B], rows that get the unconditional embedding on the condition positions.
         last: only the last ``last`` positions go through the head (sampling) -> logits [B, last, V].
+        vocab: (lo, hi), only vocabulary ids lo..hi-1 go through the head (sampling) -> logits [..., hi-lo].
         """
         x = self.drop(self.embed(idx, start, uncond))
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i, start)
         if last is not None:
             x = x[:, -last:]  # [B, last, C]
-        return self.head(self.ln_f(x))
+        return linear(self.head, self.ln_f(x), vocab)
 
-    def static_step(self, idx: torch.Tensor, start: torch.Tensor, cache: KVCache, last: int | None = None) -> torch.Tensor:
+    def static_step(self, idx: torch.Tensor, start: torch.Tensor, cache: KVCache, last: int | None = None,
+                    vocab: tuple[int, int] | None = None) -> torch.Tensor:
         """A decode step with fixed shapes (CUDA-graph / ``torch.compile`` friendly): ids [B, L] at positions
         ``start .. start+L-1`` (``start`` a 0-d long tensor on the model's device), each attending to every
-        cached position before ``start + L`` (a whole block: no mask inside it) -> logits [B, last or L, V].
+        cached position before ``start + L`` (a whole block: no mask inside it) -> logits [B, last or L, V]
+        (``vocab`` (lo, hi): of those vocabulary ids only).
 
         Equal to ``forward(idx, None, cache=cache, start=int(start))`` for such a step; positions come by
         offset (index_select of pos_emb), the cache is written with index_copy_, and attention always spans
@@ -298,4 +488,4 @@ class GPT(nn.Module):
             x = block(x, mask, cache, i, pos)
         if last is not None:
             x = x[:, -last:]  # [B, last, C]
-        return self.head(self.ln_f(x))
+        return linear(self.head, self.ln_f(x), vocab)

@@ -28,12 +28,13 @@ Sampling choices (and where they differ from the released sampler):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from nbp.generator.layout import TaskLayout
-from nbp.generator.model import GPT, KVCache
+from nbp.generator.model import GPT, KVCache, decode_threads, plain_linears
 from nbp.tracking import progress
 
 # --------------------------------------------------------------------------------------
@@ -287,18 +288,20 @@ def step_mask(task: TaskLayout, start: int, length: int, device=None, bid: list[
 
 
 def prefill(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, uncond: torch.Tensor | None = None,
-            last: int | None = None) -> torch.Tensor:
-    """Run the prompt [B, P] once into the cache -> logits [B, P, V] (or of its ``last`` positions only)."""
+            last: int | None = None, vocab: tuple[int, int] | None = None) -> torch.Tensor:
+    """Run the prompt [B, P] once into the cache -> logits [B, P, V] (or of its ``last`` positions only;
+    ``vocab`` (lo, hi): of those vocabulary ids only)."""
     mask = task.dense_mask(ids.shape[1], device=ids.device)
-    return model(ids, mask, cache=cache, start=0, uncond=uncond, last=last)
+    return model(ids, mask, cache=cache, start=0, uncond=uncond, last=last, vocab=vocab)
 
 
 def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, start: int,
-                uncond: torch.Tensor | None = None, last: int | None = None, bid: list[int] | None = None) -> torch.Tensor:
+                uncond: torch.Tensor | None = None, last: int | None = None, bid: list[int] | None = None,
+                vocab: tuple[int, int] | None = None) -> torch.Tensor:
     """Feed ids [B, n] at positions start..start+n-1: they attend to the cache and to each other -> logits [B, n, V]
-    (or of the ``last`` positions only). ``bid``: see :func:`step_mask`."""
+    (or of the ``last`` positions only; ``vocab``: of vocabulary ids lo..hi-1 only). ``bid``: see :func:`step_mask`."""
     mask = step_mask(task, start, ids.shape[1], ids.device, bid)
-    return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last)
+    return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last, vocab=vocab)
 
 
 class StaticDecoder:
@@ -308,18 +311,19 @@ class StaticDecoder:
     ``mode``: ``"static"`` runs the fixed-shape step eagerly (any device; equals :func:`decode_step`);
     ``"graph"`` captures it once per input shape in a CUDA graph and replays it (CUDA only); ``"compile"``
     runs it through ``torch.compile`` (fused kernels), captured in a CUDA graph on CUDA. The step reads its
-    inputs from static buffers: ids are copied in, the position offset is a 0-d device tensor.
+    inputs from static buffers: ids are copied in, the position offset is a 0-d device tensor. ``vocab``
+    (lo, hi): the head computes the logits of those ids only.
     """
 
     MODES = ("static", "graph", "compile")
 
-    def __init__(self, model: GPT, cache: KVCache, mode: str = "static"):
+    def __init__(self, model: GPT, cache: KVCache, mode: str = "static", vocab: tuple[int, int] | None = None):
         if mode not in self.MODES:
             raise ValueError(f"unknown decoder {mode!r} (eager | {' | '.join(self.MODES)})")
         dev = cache.k.device
         if mode == "graph" and dev.type != "cuda":
             raise ValueError("decoder 'graph' needs CUDA (use 'static' elsewhere)")
-        self.model, self.cache, self.mode = model, cache, mode
+        self.model, self.cache, self.mode, self.vocab = model, cache, mode, vocab
         self.limit = min(model.config.n_positions, cache.max_len)
         self.start = torch.zeros((), dtype=torch.long, device=dev)
         self.fn = model.static_step
@@ -329,12 +333,13 @@ class StaticDecoder:
         self.graphs: dict = {}  # (ids shape, last) -> (ids buffer, graph, logits buffer)
 
     def __call__(self, ids: torch.Tensor, start: int, last: int | None = None) -> torch.Tensor:
-        """ids [B, L] at positions start..start+L-1 -> logits [B, last or L, V] (a buffer reused by the next call)."""
+        """ids [B, L] at positions start..start+L-1 -> logits [B, last or L, V] (of the ``vocab`` ids only, when
+        given; a buffer reused by the next call)."""
         if start + ids.shape[1] > self.limit:
             raise ValueError(f"positions up to {start + ids.shape[1] - 1} exceed the {self.limit} slots")
         self.start.fill_(start)
         if not self.capture:
-            return self.fn(ids, self.start, self.cache, last)
+            return self.fn(ids, self.start, self.cache, last, self.vocab)
         key = (tuple(ids.shape), last)
         if key not in self.graphs:
             self.graphs[key] = self._capture(ids, last)
@@ -351,23 +356,23 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.fn(buf, self.start, self.cache, last)
+                self.fn(buf, self.start, self.cache, last, self.vocab)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.fn(buf, self.start, self.cache, last)
+            out = self.fn(buf, self.start, self.cache, last, self.vocab)
         return buf, graph, out
 
 
 # --------------------------------------------------------------------------------------
 # generation
 
+NARROW_THREADS = 1  # threads of a CPU decode step's small ops (fast path); the wide linears keep the caller's
+
 
 @torch.no_grad()
 def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
-             greedy: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             cfg: float | None = None, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
-             show_progress: bool = False, on_step=None, decoder: str = "eager") -> torch.Tensor:
+             fast: bool = True, **kw) -> torch.Tensor:
     """User-layout prefix [B, P] (condition, start ids, optionally the first video ids) -> prefix + new ids.
 
     ``max_new_tokens`` defaults to the rest of the video. For the hybrid layout the middle-bos ids are
@@ -375,7 +380,23 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
     called before each forward pass (for counting and timing). ``decoder``: ``"eager"`` (default) or a
     :class:`StaticDecoder` mode (``"static"``, ``"graph"``, ``"compile"``) for the decode steps that feed a
     whole block past the condition; the prefill and other steps stay eager. Greedy output is the same.
+
+    Every forward computes the head over the video ids only (the logits that are sampled). ``fast`` (default):
+    on CPU the model's linears get packed copies (:meth:`GPT.fast_cpu`, attached to the model and kept for
+    later calls; fp32 stays fp32); ``fast=False`` runs plain ``F.linear`` even where packs are attached.
     """
+    if fast and prefix_ids.device.type == "cpu":
+        model.fast_cpu()
+    with contextlib.nullcontext() if fast else plain_linears():
+        return _generate(model, task, prefix_ids, max_new_tokens, narrow=fast and prefix_ids.device.type == "cpu", **kw)
+
+
+def _generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
+              greedy: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+              cfg: float | None = None, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
+              show_progress: bool = False, on_step=None, decoder: str = "eager", narrow: bool = False) -> torch.Tensor:
+    """:func:`generate` with the linears as they are; ``narrow``: the decode steps after the prefill run their
+    small ops on one thread (:func:`nbp.generator.model.decode_threads`)."""
     prefix_ids = prefix_ids.long()
     Bsz, dev = prefix_ids.shape[0], prefix_ids.device
     start_v = video_start(task)
@@ -393,34 +414,36 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
     ids = to_model_layout(task, prefix_ids)
     total = ids.shape[1] + num_new + (len(p.insert) if done < p.insert_after <= done + num_new else 0)
     cache = KVCache.for_model(model, rows, max_len=total)
-    static = None if decoder == "eager" else StaticDecoder(model, cache, decoder)
-    bid = task.block_ids(total).tolist()  # block id per position, for the per-step mask test
     lo, hi = task.video_offset, task.video_offset + task.video_vocab
+    static = None if decoder == "eager" else StaticDecoder(model, cache, decoder, vocab=(lo, hi))
+    bid = task.block_ids(total).tolist()  # block id per position, for the per-step mask test
     out, pos, made = [ids], 0, done
     feed = ids
     steps = range(len(p.groups))
-    for s in progress(steps, desc="sampling", leave=False) if show_progress else steps:
-        if on_step is not None:
-            on_step(s)
-        x = feed.repeat(2, 1) if guided else feed  # [rows, n]
-        n = p.groups[s]  # the last n fed positions predict the next group
-        if s == 0:
-            logits = prefill(model, task, x, cache, uncond, last=n)
-        elif static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]:
-            logits = static(x, pos, last=n)  # a whole block: no mask inside it
-        else:
-            logits = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid)
-        logits = logits[..., lo:hi]  # [rows, n, V_video]
-        pos += feed.shape[1]
-        if guided:
-            logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
-        new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=generator) + lo  # [B, n]
-        made += n
-        feed = new
-        if made == p.insert_after:
-            feed = torch.cat([new, torch.tensor(p.insert, device=dev)[None].expand(Bsz, -1)], dim=1)  # [B, n + B-1]
-        out.append(feed)
+    with contextlib.ExitStack() as threads:  # entered after the prefill (narrow)
+        for s in progress(steps, desc="sampling", leave=False) if show_progress else steps:
+            if on_step is not None:
+                on_step(s)
+            if s == 1 and narrow:
+                threads.enter_context(decode_threads(NARROW_THREADS))
+            x = feed.repeat(2, 1) if guided else feed  # [rows, n]
+            n = p.groups[s]  # the last n fed positions predict the next group
+            if s == 0:
+                logits = prefill(model, task, x, cache, uncond, last=n, vocab=(lo, hi))  # [rows, n, V_video]
+            elif static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]:
+                logits = static(x, pos, last=n)  # a whole block: no mask inside it
+            else:
+                logits = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid, vocab=(lo, hi))
+            pos += feed.shape[1]
+            if guided:
+                logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
+            new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator) + lo  # [B, n]
+            made += n
+            feed = new
+            if made == p.insert_after:
+                feed = torch.cat([new, torch.tensor(p.insert, device=dev)[None].expand(Bsz, -1)], dim=1)  # [B, n + B-1]
+            out.append(feed)
     return from_model_layout(task, torch.cat(out, dim=1))[:, : prefix_ids.shape[1] + num_new]
 
 
