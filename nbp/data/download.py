@@ -25,7 +25,7 @@ from nbp import dag
 from nbp.config import to_dict
 from nbp.data import embedded
 from nbp.data.archives import safe_extract
-from nbp.data.fetch import LockFile, fetch, lock_for, sha256_file
+from nbp.data.fetch import LockFile, fetch, lock_for, open_url, sha256_file
 from nbp.errors import NbpError
 from nbp.io import atomic_dir, write_json
 from nbp.tracking import progress
