@@ -90,6 +90,9 @@ class DownloadConfig:
     urls: dict[str, str] = field(default_factory=dict)
     splits: list[str] = field(default_factory=lambda: ["train", "val"])  # k600 splits to fetch
     keep_archives: bool = True  # false: delete each archive once extracted (K600 otherwise needs twice the disk)
+    # k600: fetch only the first N archives of each split's list, in list order, e.g. {train: 1, val: 1} (a smoke
+    # run); a split not named, or null: all. The annotation CSVs are always fetched whole. Ignored with ``root``.
+    max_archives: dict[str, int] | None = None
     embedded: EmbeddedSpec = field(default_factory=EmbeddedSpec)
 
 
@@ -375,6 +378,9 @@ def _schema_error(err, source: str) -> ConfigError:
     """One readable line from a jsonschema error."""
     path = list(err.absolute_path)
     v = err.validator
+    inner = [e for e in err.context or () if len(e.absolute_path) > len(path)] if v == "anyOf" else []
+    if inner:  # e.g. a nullable mapping with a bad value: name the value's key, not "expected object/null"
+        return _schema_error(inner[0], source)
     if v == "additionalProperties":
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         key = _key(path + [extra[0]]) if extra else _key(path)
@@ -443,6 +449,16 @@ def _check_semantics(cfg: Config) -> None:
             positive("download", name, es, "classes", "train_per_class", "test_per_class", "size", "frames", "fps")
             if es.classes > 12:
                 raise ConfigError(f"download.{name}.embedded.classes", f"at most 12 classes are defined, got {es.classes}", src)
+        if e.max_archives is not None:
+            key = f"download.{name}.max_archives"
+            if e.source != "k600":
+                raise ConfigError(key, f"applies to the k600 source only (this entry's source is {e.source!r})", src)
+            for split, n in e.max_archives.items():
+                if split not in e.splits:
+                    raise ConfigError(f"{key}.{split}", f"not a split of this entry (download.{name}.splits: "
+                                      f"{', '.join(e.splits)})", src)
+                if n < 0:
+                    raise ConfigError(f"{key}.{split}", f"must be >= 0, got {n}", src)
     for name, e in cfg.prepare.items():
         positive("prepare", name, e, "frames", "fps", "resolution", "train_clips_per_video")
         if not 0 <= e.max_bad_fraction <= 1:

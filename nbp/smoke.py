@@ -1,7 +1,7 @@
 """``nbp smoke SUITE``: a paper suite shrunk in size only, to run end to end (CPU, minutes) before GPU-days.
 
 It selects the suite (as ``nbp select``) and then sets, for every entry the suite runs or reads, only the keys of
-:data:`SIZE_KEYS`: step counts, numbers of videos and clips, model widths and depths, batch sizes, and the
+:data:`SIZE_KEYS`: step counts, numbers of videos, clips and K600 archives, model widths and depths, batch sizes, and the
 step-valued schedule keys scaled with the step count (``warmup_steps``, ``disc_start``, ``image_steps``: the same
 fraction of training as the paper's recipe). Everything else stays as params.yaml says: perceptual loss,
 discriminator type, EMA, LeCam, task, block layouts, text ids, sampling filter, seeds, frames, resolutions, strategy.
@@ -34,8 +34,24 @@ def _by_preset(table: dict[str, int]):
     return lambda entry: table[entry.preset]
 
 
+SKIP = object()  # a callable's answer: the key is left as it is for this entry
+
+
+def _k600_archives(n: int):
+    """``max_archives`` of a k600 download entry: at most ``n`` per split it fetches (a smaller limit of the
+    params stays); other sources have no archive lists (:data:`SKIP`)."""
+    def value(entry):
+        if entry.source != "k600":
+            return SKIP
+        have = entry.max_archives or {}
+        return {s: n if have.get(s) is None else min(n, have[s]) for s in entry.splits}
+    return value
+
+
 # section -> key -> smoke value; None: scaled with the entry's step count (see :func:`_scaled`); a callable: of the entry
 SIZE_KEYS: dict[str, dict[str, object]] = {
+    # K600: the first archive of each split's list (a local copy in `root` is linked whole, whatever this says)
+    "download": {"max_archives": _k600_archives(1)},
     "prepare": {"max_videos": {"train": 6, "val": 4}, "train_clips_per_video": 1},
     "real_stats": {"num_videos": 4, "batch_size": 2},
     "train_tokenizer": {"steps": STEPS["train_tokenizer"], "batch_size": 1, "image_batch_size": 1, "channels": 32,
@@ -86,6 +102,8 @@ def overlay(params: str | Path, suite: str) -> dict[tuple[str, str, str], object
                     value = _scaled(getattr(entry, key), entry.steps, STEPS[section])
                 elif callable(value):
                     value = value(entry)
+                    if value is SKIP:
+                        continue
                 if section == "prepare" and key == "max_videos":
                     value = {k: min(v, entry.max_videos.get(k, v)) for k, v in value.items()}
                 out[(section, name, key)] = value

@@ -378,6 +378,142 @@ def test_download_k600_end_to_end(server, tmp_path, monkeypatch):
     assert not list((tmp_path / "out" / "archives" / "k600").rglob("*.tar.gz"))  # keep_archives: false
 
 
+def _k600_server(server, tmp_path: Path, parts: dict[str, int], video: bytes = b"v") -> list[str]:
+    """CVDF lists of ``parts[split]`` archives of one video each, and annotation CSVs naming those videos plus one
+    that no archive holds. -> the videos, split/part order."""
+    names = []
+    for split, n in parts.items():
+        paths = []
+        for i in range(n):
+            vid = f"{split[0] * 10}{i}_{i:06d}_{i + 10:06d}.mp4"
+            path = f"/k600/{split}/part_{i}.tar.gz"
+            server.files[path] = _tar(tmp_path / f"{split}{i}.tgz", [(vid, "file", video)]).read_bytes()
+            paths.append(path)
+            names.append(vid)
+        server.files[f"/k600/{split}/k600_{split}_path.txt"] = "".join(f"{server.url}{p}\n" for p in paths).encode()
+        rows = [f"zumba,{split[0] * 10}{i},{i},{i + 10},{split}" for i in range(n)] + [f"zumba,never_fetched,0,10,{split}"]
+        csv = "\n".join(["label,youtube_id,time_start,time_end,split", *rows, ""])
+        server.files[f"/k600/annotations/{split}.csv"] = csv.encode()
+    return names
+
+
+def _k600_cfg(server, tmp_path: Path, **download):
+    over = {"download.k600.urls": {"lists": f"{server.url}/k600", "annotations": f"{server.url}/k600/annotations"}}
+    return _cfg(tmp_path, {**over, **{f"download.k600.{k}": v for k, v in download.items()}})
+
+
+def test_k600_max_archives_fetches_the_first_archives_then_the_rest(server, tmp_path, monkeypatch, capsys):
+    from nbp.data.prepare import run_prepare
+
+    monkeypatch.setenv(F.LOCK_ENV, str(tmp_path / "lock.json"))
+    video = write_index_video(tmp_path / "v.mp4", 20, 16, size=32).read_bytes()  # 17 frames at 16 fps fit
+    names = _k600_server(server, tmp_path, {"train": 3, "val": 2}, video)
+    cfg = _k600_cfg(server, tmp_path, max_archives={"train": 1, "val": 1})
+    out = tmp_path / "out" / "download" / "k600"
+
+    D.run_download(cfg, "k600", dry_run=True)
+    printed = capsys.readouterr().out
+    assert "part_0.tar.gz" in printed and "part_1.tar.gz" not in printed and "part_2.tar.gz" not in printed
+    assert "  train: 1 of 3 archives to fetch, 2 skipped (download.k600.max_archives.train)\n" in printed
+    assert "  val: 1 of 2 archives to fetch, 1 skipped (download.k600.max_archives.val)\n" in printed
+    assert {p for p, _ in server.log} == {"/k600/train/k600_train_path.txt", "/k600/val/k600_val_path.txt"}
+
+    server.log.clear()
+    D.run_download(cfg, "k600")
+    printed = capsys.readouterr().out
+    assert sorted(p for p, _ in server.log) == sorted([
+        "/k600/annotations/train.csv", "/k600/annotations/val.csv", "/k600/train/k600_train_path.txt",
+        "/k600/val/k600_val_path.txt", "/k600/train/part_0.tar.gz", "/k600/val/part_0.tar.gz"])
+    assert printed.splitlines()[-2:] == [
+        "  train: 1 of 3 archives fetched, 2 skipped (download.k600.max_archives.train)",
+        "  val: 1 of 2 archives fetched, 1 skipped (download.k600.max_archives.val)"]
+    assert sorted(p.name for p in (out / "k600").rglob("*.mp4")) == sorted([names[0], names[3]])
+    assert json.loads((out / "source.json").read_text())["archives_skipped"] == {"train": 2, "val": 1}
+    # the CSVs are whole; the reader keeps the rows whose video is here and counts the others
+    ds = Kinetics600(out)
+    assert [v.video for v in ds.videos("train")] == [names[0]] and ds.missing["train"] == 3
+    assert [v.video for v in ds.videos("val")] == [names[3]] and ds.missing["val"] == 2
+
+    # prepare on the partial download: the absent videos are neither bad nor a failure
+    pcfg = _cfg(tmp_path, {"prepare.k600.workers": 1})
+    run_prepare(pcfg, "k600")
+    assert "(0 videos skipped)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "prepare" / "k600" / "report.json").read_text())
+    assert {s: (r["videos"], r["ok"], r["skipped"], r["not_downloaded"]) for s, r in report["splits"].items()} == {
+        "train": (1, 1, 0, 3), "val": (1, 1, 0, 2)}
+
+    # back to null: the rest is fetched; the lists, CSVs and the kept first archives are not transferred again
+    server.log.clear()
+    D.run_download(_k600_cfg(server, tmp_path, max_archives=None), "k600")
+    printed = capsys.readouterr().out
+    assert sorted(p for p, _ in server.log) == ["/k600/train/part_1.tar.gz", "/k600/train/part_2.tar.gz",
+                                                "/k600/val/part_1.tar.gz"]
+    assert printed.splitlines()[-1] == f"download k600: {out}"
+    assert sorted(p.name for p in (out / "k600").rglob("*.mp4")) == sorted(names)
+    assert json.loads((out / "source.json").read_text())["archives_skipped"] == {"train": 0, "val": 0}
+
+
+def test_k600_max_archives_lowered_after_an_interrupted_run_drops_its_extra_archives(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(F.LOCK_ENV, str(tmp_path / "lock.json"))
+    names = _k600_server(server, tmp_path, {"train": 3})
+    del server.files["/k600/train/part_2.tar.gz"]  # the first run stops there, with parts 0 and 1 extracted
+    with pytest.raises(NbpError, match="HTTP 404"):
+        D.run_download(_k600_cfg(server, tmp_path, splits=["train"]), "k600")
+    assert len(list((tmp_path / "out" / "archives" / "k600" / "extracted").glob("*.ok"))) == 2
+    capsys.readouterr()
+    server.log.clear()
+    D.run_download(_k600_cfg(server, tmp_path, splits=["train"], max_archives={"train": 1}), "k600")
+    assert "1 archives extracted by an interrupted run are not wanted now" in capsys.readouterr().out
+    assert server.log == []  # part 0 is re-extracted from the kept archive
+    out = tmp_path / "out" / "download" / "k600"
+    assert [p.name for p in (out / "k600").rglob("*.mp4")] == [names[0]]
+
+
+def test_k600_local_copy_is_linked_whole_whatever_max_archives_says(tmp_path, capsys):
+    local = tmp_path / "K600-local" / "k600"
+    for name in ("annotations/train.csv", "train/a/x_000000_000010.mp4", "train/b/y_000000_000010.mp4"):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(b"")
+    D.run_download(_cfg(tmp_path, {"download.k600.root": str(local.parent), "download.k600.max_archives": {"train": 1}}),
+                   "k600")
+    assert "max_archives does not apply to a local copy (root); it is linked whole" in capsys.readouterr().out
+    out = tmp_path / "out" / "download" / "k600"
+    assert (out / "k600").is_symlink() and len(list((out / "k600" / "train").rglob("*.mp4"))) == 2
+
+
+@pytest.mark.parametrize("value, key, says", [
+    ({"train": -1}, "download.k600.max_archives.train", "must be >= 0, got -1"),
+    ({"test": 1}, "download.k600.max_archives.test", "not a split of this entry (download.k600.splits: train, val)"),
+    ({"train": "one"}, "download.k600.max_archives.train", "expected integer, got str 'one'"),
+    ({"train": True}, "download.k600.max_archives.train", "expected integer, got bool True"),
+    ({"train": 1.5}, "download.k600.max_archives.train", "expected integer, got float 1.5"),
+    ([1], "download.k600.max_archives", "expected object/null, got list [1]"),
+], ids=["negative", "unknown split", "string", "bool", "float", "list"])
+def test_bad_max_archives_is_one_line_naming_the_key(tmp_path, value, key, says):
+    from nbp.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, {"download.k600.max_archives": value})
+    assert (e.value.key, e.value.problem) == (key, says)
+
+
+def test_max_archives_on_another_source_is_refused_by_nbp_check(tmp_path):
+    params = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    line = "      splits: https://www.crcv.ucf.edu/data/UCF101/UCF101TrainTestSplits-RecognitionTask.zip\n"
+    assert line in text
+    params.write_text(text.replace(line, line + "    max_archives: {train: 1}\n", 1))
+    done = subprocess.run([sys.executable, "-m", "nbp", "check", "--params", str(params)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"nbp: error: {params}: download.ucf101.max_archives: applies to the k600 source only (this entry's source is "
+        "'ucf101')"]
+    params.write_text(text.replace("    splits: [train, val]\n", "    splits: [train, val]\n    max_archives: {train: 2}\n", 1))
+    done = subprocess.run([sys.executable, "-m", "nbp", "check", "--params", str(params)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert "max_archives" not in done.stderr, done.stderr
+
+
 def test_cli_dry_run_flag(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((REPO / "params.yaml").read_text().replace("out: out", f"out: {tmp_path / 'out'}", 1))

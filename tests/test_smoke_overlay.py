@@ -84,6 +84,23 @@ def test_every_selected_entry_is_shrunk_and_the_paper_recipe_stays(shrunk, suite
     for d in small.run.datasets:
         p, s = paper.prepare[d], small.prepare[d]
         assert (p.frames, p.fps, p.resolution) == (s.frames, s.fps, s.resolution)  # 5x16x16 latents: every layout
+    for name, d in small.download.items():
+        p = paper.download[name]
+        assert (d.source, d.urls, d.splits, d.root, d.keep_archives) == (p.source, p.urls, p.splits, p.root, p.keep_archives)
+        # K600: the first archive of each split's list, for a download the suite reads; nothing else gets the key
+        read = name in {small.prepare[e].dataset for e in small.run.datasets}
+        assert d.max_archives == ({"train": 1, "val": 1} if d.source == "k600" and read else p.max_archives), name
+
+
+def test_k600_download_is_shrunk_to_one_archive_per_split_keeping_a_smaller_limit(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_text()
+    assert text.count("    splits: [train, val]\n") == 1
+    path.write_text(text.replace("    splits: [train, val]\n", "    splits: [train, val]\n    max_archives: {val: 0}\n"))
+    values = smoke.smoke(path, "k600")
+    assert values[("download", "k600", "max_archives")] == {"train": 1, "val": 0}
+    assert [k for k in values if k[0] == "download"] == [("download", "k600", "max_archives")]  # not ucf101's
+    assert load_config(path).download["k600"].max_archives == {"train": 1, "val": 0}
 
 
 def test_the_edit_keeps_comments_and_anchors(tmp_path):

@@ -3,8 +3,11 @@
 - ``embedded``: generates the synthetic moving-shapes videos (nbp.data.embedded).
 - ``ucf101``: ``UCF101.rar`` (videos) + the train/test split zip.
 - ``k600``: per split, the CVDF list ``{lists}/{split}/k600_{split}_path.txt`` of tar.gz archives, and the
-  annotation CSVs ``{annotations}/{split}.csv``.
-- ``root`` set: an existing local copy in the source's layout is linked, nothing is fetched.
+  annotation CSVs ``{annotations}/{split}.csv``. ``max_archives: {split: N}`` takes only the first N archives of a
+  split's list (in list order; the stage prints how many it skipped); the CSVs stay whole, and ``prepare`` reads
+  only the rows whose video is present (``Kinetics600.missing`` counts the others).
+- ``root`` set: an existing local copy in the source's layout is linked, nothing is fetched (``max_archives`` does
+  not apply).
 
 Fetching and checksums: :mod:`nbp.data.fetch`; safe extraction: :mod:`nbp.data.archives`. Archives are kept
 in the stage's state folder ``{run.out}/archives/{name}/`` (outside the stage's output, so reruns resume);
@@ -25,7 +28,7 @@ from nbp import dag
 from nbp.config import to_dict
 from nbp.data import embedded
 from nbp.data.archives import safe_extract
-from nbp.data.fetch import LockFile, fetch, lock_for, sha256_file
+from nbp.data.fetch import LockFile, fetch, lock_for, open_url, sha256_file
 from nbp.errors import NbpError
 from nbp.io import atomic_dir, write_json
 from nbp.tracking import progress
@@ -51,10 +54,15 @@ def _ucf_items(entry, archives: Path) -> list[Item]:
     return [Item(v, archives / _name_of(v), "."), Item(s, archives / _name_of(s), ".")]
 
 
-def _k600_items(entry, archives: Path, lock: LockFile, fetch_lists: bool, dry_run: bool) -> list[Item]:
+def _k600_items(entry, archives: Path, lock: LockFile, fetch_lists: bool, dry_run: bool,
+                skipped: dict[str, tuple[int, int]] | None = None) -> list[Item]:
+    """The annotation CSVs, the archive lists and the archives of every split (only the first
+    ``max_archives[split]`` of a split's list, in list order). ``skipped``, when given, gets
+    split -> (archives listed, archives left out) for the splits whose list could be read."""
     for k in ("lists", "annotations"):
         if k not in entry.urls:
             raise NbpError(f"download: urls.{k} is missing for the k600 source")
+    limits = entry.max_archives or {}
     items = []
     for split in entry.splits:
         ann = f"{entry.urls['annotations'].rstrip('/')}/{split}.csv"
@@ -73,11 +81,18 @@ def _k600_items(entry, archives: Path, lock: LockFile, fetch_lists: bool, dry_ru
                 print(f"  (cannot read {list_url} now: {getattr(e, 'reason', e)}; its archives are listed after it is fetched)")
         elif fetch_lists:
             text = fetch(list_url, list_file, lock=lock).read_text()
-        for line in (text or "").splitlines():
-            url = line.strip()
-            if url:
-                items.append(Item(url, archives / split / _name_of(url), f"k600/{split}"))
+        urls = [u for u in (line.strip() for line in (text or "").splitlines()) if u]
+        keep = urls if limits.get(split) is None else urls[:limits[split]]
+        if skipped is not None and text is not None:
+            skipped[split] = (len(urls), len(urls) - len(keep))
+        items += [Item(url, archives / split / _name_of(url), f"k600/{split}") for url in keep]
     return items
+
+
+def _skip_lines(name: str, skipped: dict[str, tuple[int, int]], done: str = "fetched") -> list[str]:
+    """One line per split whose archives ``download.{name}.max_archives`` limited."""
+    return [f"  {split}: {total - left_out} of {total} archives {done}, {left_out} skipped "
+            f"(download.{name}.max_archives.{split})" for split, (total, left_out) in skipped.items() if left_out]
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -129,6 +144,8 @@ def run_download(cfg, name: str, paths: dag.StagePaths | None = None, dry_run: b
     out = paths.folder
     if entry.root:
         root = Path(entry.root).expanduser().resolve()
+        if entry.max_archives is not None:
+            print(f"download {name}: max_archives does not apply to a local copy (root); it is linked whole")
         if dry_run:
             print(f"download {name} (dry run): would link the local copy {root} into {out}/")
             return
@@ -146,17 +163,30 @@ def run_download(cfg, name: str, paths: dag.StagePaths | None = None, dry_run: b
     archives = paths.state
     if dry_run:
         print(f"download {name} (dry run): nothing is fetched or written")
+    skipped: dict[str, tuple[int, int]] = {}
     if entry.source == "ucf101":
         items = _ucf_items(entry, archives)
     else:
-        items = _k600_items(entry, archives, lock, fetch_lists=True, dry_run=dry_run)
+        items = _k600_items(entry, archives, lock, fetch_lists=True, dry_run=dry_run, skipped=skipped)
     if dry_run:
         _dry_run(entry, out, items, lock)
+        for line in _skip_lines(name, skipped, "to fetch"):
+            print(line)
         return
     staging = archives / "staging"
     marks = archives / "extracted"
+
+    def mark_of(it: Item) -> Path:
+        return marks / (str(it.file.relative_to(archives)).replace(os.sep, "__") + ".ok")  # k600 parts share names
+
+    stale = {p.name for p in marks.glob("*.ok")} - {mark_of(it).name for it in items if it.extract_to}
+    if stale:  # an interrupted run extracted archives this one does not take (max_archives lowered): start afresh
+        print(f"download {name}: {len(stale)} archives extracted by an interrupted run are not wanted now; "
+              f"re-extracting into a fresh {staging}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(marks, ignore_errors=True)
     for it in items:
-        mark = marks / (str(it.file.relative_to(archives)).replace(os.sep, "__") + ".ok")  # k600 parts share names
+        mark = mark_of(it)
         if it.extract_to and mark.is_file() and staging.is_dir():
             continue  # extracted by an earlier (interrupted) run
         fetch(it.url, it.file, lock=lock)
@@ -170,10 +200,13 @@ def run_download(cfg, name: str, paths: dag.StagePaths | None = None, dry_run: b
             (staging / it.place).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(it.file, staging / it.place)
     check_layout(entry.source, staging)
-    write_json(staging / "source.json", {"source": entry.source, "entry": to_dict(entry), "files": [it.url for it in items]})
+    write_json(staging / "source.json", {"source": entry.source, "entry": to_dict(entry), "files": [it.url for it in items],
+                                         "archives_skipped": {split: n for split, (_, n) in skipped.items()}})
     _publish(staging, out)
     shutil.rmtree(marks, ignore_errors=True)
     print(f"download {name}: {out}")
+    for line in _skip_lines(name, skipped):
+        print(line)
 
 
 def _run_embedded(name: str, entry, out: Path, dry_run: bool) -> None:
