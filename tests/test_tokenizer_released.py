@@ -77,6 +77,16 @@ def narrow_base():
     return cfg, model
 
 
+def _same_codes_and_decode(model, loaded, x):
+    """The imported model encodes ``x`` to the writer's latents and codes and decodes them to the same pixels."""
+    with torch.no_grad():
+        qa, ca = model.encode(x)
+        qb, cb = loaded.encode(x)
+        assert torch.equal(qa, qb) and torch.equal(ca, cb)
+        assert torch.equal(model.decode_from_code_indices(ca), loaded.decode_from_code_indices(cb))
+    return qa
+
+
 def test_released_file_loads_strictly_with_identical_outputs(tmp_path, narrow_base):
     cfg, model = narrow_base
     released = to_released_state_dict(model)
@@ -84,11 +94,7 @@ def test_released_file_loads_strictly_with_identical_outputs(tmp_path, narrow_ba
     torch.save({"model_state_dict": released}, path)
     loaded = load_released(path, config=cfg)
     x = torch.rand(1, 3, 9, 16, 16)
-    with torch.no_grad():
-        qa, ca = model.encode(x)
-        qb, cb = loaded.encode(x)
-        assert torch.equal(qa, qb) and torch.equal(ca, cb)
-        assert torch.equal(model.decode_from_code_indices(ca), loaded.decode_from_code_indices(cb))
+    qa = _same_codes_and_decode(model, loaded, x)
     # a different model gives different outputs: the comparison above can fail
     other = VideoTokenizer(cfg).eval()
     with torch.no_grad():
@@ -294,12 +300,7 @@ def test_a_shallower_released_file_imports_at_its_own_depth(tmp_path, depth):
     torch.save({"model_state_dict": released}, tmp_path / "shallow.pt")
     loaded = load_released(tmp_path / "shallow.pt")  # no config: sizes from the file
     assert (loaded.config.channels, loaded.config.enc_res, loaded.config.dec_res) == (32, (depth,) * 4, (depth,) * 4)
-    x = torch.rand(1, 3, 9, 16, 16)
-    with torch.no_grad():
-        qa, ca = model.encode(x)
-        qb, cb = loaded.encode(x)
-        assert torch.equal(qa, qb) and torch.equal(ca, cb)
-        assert torch.equal(model.decode_from_code_indices(ca), loaded.decode_from_code_indices(cb))
+    _same_codes_and_decode(model, loaded, torch.rand(1, 3, 9, 16, 16))
     odd = {k: v for k, v in released.items() if not k.startswith("module.decoder_layers.2.")}  # one unit missing
     torch.save({"model_state_dict": odd}, tmp_path / "odd.pt")
     with pytest.raises(NbpError, match=r"(missing|unexpected) key 'module\.(en|de)coder_layers\.\d+\."):
