@@ -162,14 +162,14 @@ def run(argv: list[str] | None = None) -> int:
         key = flag.lstrip("-").replace("-", "_")
         if getattr(args, key, False):
             extra[key] = True
-    try:
-        for entry in entries:
-            fn(cfg, entry, dag.resolve(cfg, stage.name, entry), **extra)
-    finally:
-        if stage.launch == "torchrun":  # its ranks joined a process group: close it, on success and on failure
-            from nbp.distributed import cleanup_distributed
+    if stage.launch == "torchrun":  # its ranks join a process group: closed at exit, on success and on failure
+        import atexit
 
-            cleanup_distributed()
+        from nbp.distributed import cleanup_distributed
+
+        atexit.register(cleanup_distributed)  # at exit, not after the stage: one process may run several stages
+    for entry in entries:
+        fn(cfg, entry, dag.resolve(cfg, stage.name, entry), **extra)
     return 0
 
 
