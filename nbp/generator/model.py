@@ -403,30 +403,29 @@ class GPT(nn.Module):
         self.to(device=device, dtype=dtype).eval()
         return self.fuse_qkv() if fuse_qkv else self
 
+    def _pack_slots(self) -> list[tuple[nn.Module, str]]:
+        """(module, attribute) of every pack :meth:`fast_cpu` attaches: the head, each block linear, each fused QKV."""
+        slots = [(self.head, "pack")]
+        for b in self.blocks:
+            a = b.attn
+            slots += [(m, "pack") for m in (a.query, a.key, a.value, a.proj, b.mlp[0], b.mlp[2])] + [(a, "qkv_pack")]
+        return slots
+
     def fast_cpu(self, enabled: bool = True) -> GPT:
         """Attach (or drop) packed copies of every block linear and of the head for fp32 CPU inference
         (:class:`LinearPack`: built on first use per input row count, rebuilt when a weight changes, never in
         the state dict). Forwards without gradient on CPU in fp32 then use them; training, other dtypes and
         devices keep ``F.linear``. Idempotent."""
-        mods = [self.head] + [m for b in self.blocks for m in (b.attn.query, b.attn.key, b.attn.value, b.attn.proj,
-                                                                 b.mlp[0], b.mlp[2])]
-        for m in mods:
+        for m, attr in self._pack_slots():
             if not enabled:
-                m.__dict__.pop("pack", None)
-            elif m.__dict__.get("pack") is None:
-                m.pack = LinearPack()
-        for b in self.blocks:
-            if not enabled:
-                b.attn.__dict__.pop("qkv_pack", None)
-            elif b.attn.__dict__.get("qkv_pack") is None:
-                b.attn.qkv_pack = LinearPack()
+                m.__dict__.pop(attr, None)
+            elif m.__dict__.get(attr) is None:
+                setattr(m, attr, LinearPack())
         return self
 
     def packs(self) -> list[LinearPack]:
         """The attached packs (empty without :meth:`fast_cpu`)."""
-        out = [m.__dict__.get("pack") for m in self.modules() if isinstance(m, nn.Linear)]
-        out += [b.attn.__dict__.get("qkv_pack") for b in self.blocks]
-        return [p for p in out if p is not None]
+        return [p for m, attr in self._pack_slots() if (p := m.__dict__.get(attr)) is not None]
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

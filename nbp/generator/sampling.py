@@ -372,7 +372,9 @@ NARROW_THREADS = 1  # threads of a CPU decode step's small ops (fast path); the 
 
 @torch.no_grad()
 def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
-             fast: bool = True, **kw) -> torch.Tensor:
+             greedy: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             cfg: float | None = None, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
+             show_progress: bool = False, on_step=None, decoder: str = "eager", fast: bool = True) -> torch.Tensor:
     """User-layout prefix [B, P] (condition, start ids, optionally the first video ids) -> prefix + new ids.
 
     ``max_new_tokens`` defaults to the rest of the video. For the hybrid layout the middle-bos ids are
@@ -383,20 +385,9 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
 
     Every forward computes the head over the video ids only (the logits that are sampled). ``fast`` (default):
     on CPU the model's linears get packed copies (:meth:`GPT.fast_cpu`, attached to the model and kept for
-    later calls; fp32 stays fp32); ``fast=False`` runs plain ``F.linear`` even where packs are attached.
+    later calls; fp32 stays fp32) and the decode steps after the prefill run their small ops on one thread
+    (:func:`nbp.generator.model.decode_threads`); ``fast=False`` runs plain ``F.linear`` even where packs are attached.
     """
-    if fast and prefix_ids.device.type == "cpu":
-        model.fast_cpu()
-    with contextlib.nullcontext() if fast else plain_linears():
-        return _generate(model, task, prefix_ids, max_new_tokens, narrow=fast and prefix_ids.device.type == "cpu", **kw)
-
-
-def _generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tokens: int | None = None, *,
-              greedy: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-              cfg: float | None = None, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
-              show_progress: bool = False, on_step=None, decoder: str = "eager", narrow: bool = False) -> torch.Tensor:
-    """:func:`generate` with the linears as they are; ``narrow``: the decode steps after the prefill run their
-    small ops on one thread (:func:`nbp.generator.model.decode_threads`)."""
     prefix_ids = prefix_ids.long()
     Bsz, dev = prefix_ids.shape[0], prefix_ids.device
     start_v = video_start(task)
@@ -420,12 +411,17 @@ def _generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_to
     out, pos, made = [ids], 0, done
     feed = ids
     steps = range(len(p.groups))
-    with contextlib.ExitStack() as threads:  # entered after the prefill (narrow)
+    narrow = fast and dev.type == "cpu"
+    if narrow:
+        model.fast_cpu()
+    with contextlib.ExitStack() as stack:
+        if not fast:
+            stack.enter_context(plain_linears())
         for s in progress(steps, desc="sampling", leave=False) if show_progress else steps:
             if on_step is not None:
                 on_step(s)
-            if s == 1 and narrow:
-                threads.enter_context(decode_threads(NARROW_THREADS))
+            if s == 1 and narrow:  # after the prefill
+                stack.enter_context(decode_threads(NARROW_THREADS))
             x = feed.repeat(2, 1) if guided else feed  # [rows, n]
             n = p.groups[s]  # the last n fed positions predict the next group
             if s == 0:
