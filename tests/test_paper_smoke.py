@@ -1,8 +1,8 @@
 """The paper suites end to end, shrunk in size only (`nbp smoke SUITE`), on data the test writes in the real layouts:
 UCF-101 (all 101 classes in classInd, official list formats, xvid AVIs), K600 (CVDF layout), released files in the
 released formats. Each suite runs to results/ through `dvc repro` in a fresh copy of the repository; ucf101 also
-through `snakemake -c2` and the Slurm CPU profile on a local one-node Slurm. The tables hold the metrics' numbers,
-every row of ours marked as a smoke run."""
+through Snakemake: `snakemake -c2` runs its data and tokenizer stages, then the Slurm CPU profile on a local one-node
+Slurm runs the rest. The tables hold the metrics' numbers, every row of ours marked as a smoke run."""
 
 from __future__ import annotations
 
@@ -148,24 +148,31 @@ def test_released_smoke_through_dvc(data, tmp_path, record_property):
     assert sum(r["model"] == "NBP 700M (released weights)" and r["experiment"].startswith(tables.SMOKE) for r in main) == 2
 
 
-def test_ucf101_smoke_through_snakemake(data, tmp_path, record_property):
-    repo = smoke_repo(tmp_path / "repo", data, "ucf101")
-    t0 = time.monotonic()
-    res = snakemake(["-c2"], repo, timeout=2700)
-    record_property("ucf101_snakemake_s", round(time.monotonic() - t0, 1))
-    assert ran_snakemake(res.stderr + res.stdout) == stages_of(*UCF)
-    check_smoke_tables(repo, UCF[2], UCF[1])
+DATA_AND_TOKENIZER = ("download", "fetch_detector", "fetch_lpips", "prepare", "real_stats", "train_tokenizer",
+                      "eval_tokenizer", "tokenize")
 
 
 @pytest.mark.slurm
-def test_ucf101_smoke_through_the_slurm_profile(data, tmp_path, record_property):
+def test_ucf101_smoke_through_snakemake_then_the_slurm_profile(data, tmp_path, record_property):
+    """One ucf101 suite, both Snakemake runners on one workspace, as a user who starts on a workstation and finishes
+    on the cluster: `snakemake -c2 --until tokenize` runs the data and tokenizer stages (local executor, 2 jobs at
+    once), then the Slurm CPU profile on a local one-node Slurm runs the generators and the tables, taking the
+    local run's outputs as done. Each runner runs exactly its part; together, every stage of the suite."""
     from slurm_cluster import SlurmCluster, slurm_installed
 
-    if not slurm_installed():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI: slurmctld/slurmd/munged are not installed (.ci/run apt-installs them)")
-        pytest.skip("Slurm is not installed; CI runs this")
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    if not slurm_installed() and ci:
+        pytest.fail("CI: slurmctld/slurmd/munged are not installed (.ci/run apt-installs them)")
     repo = smoke_repo(tmp_path / "repo", data, "ucf101")
+    every = stages_of(*UCF)
+    local = {s for s in every if s.split("@")[0] in DATA_AND_TOKENIZER}
+    t0 = time.monotonic()
+    res = snakemake(["-c2", "--until", "tokenize"], repo, timeout=2700)
+    record_property("ucf101_snakemake_c2_s", round(time.monotonic() - t0, 1))
+    assert ran_snakemake(res.stderr + res.stdout) == local
+    assert not (repo / "out" / "train_generator").exists()
+    if not slurm_installed():
+        pytest.skip("Slurm is not installed (CI runs the rest through the Slurm profile); the -c2 part passed")
     cluster = SlurmCluster()
     try:
         cluster.start()
@@ -176,5 +183,5 @@ def test_ucf101_smoke_through_the_slurm_profile(data, tmp_path, record_property)
         assert res.returncode == 0, f"{res.stderr[-6000:]}\n{cluster.logs()}"
     finally:
         cluster.stop()
-    assert ran_snakemake(res.stderr + res.stdout) == stages_of(*UCF)
+    assert ran_snakemake(res.stderr + res.stdout) == every - local
     check_smoke_tables(repo, UCF[2], UCF[1])
