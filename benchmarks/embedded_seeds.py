@@ -54,9 +54,15 @@ def set_seeds(params: Path, seed: int) -> None:
 
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, {platform.node()}"
+    """The CPU as /proc/cpuinfo names it, with family/model (same-named EPYCs differ: Zen 3 has no AVX-512)."""
+    info: dict[str, str] = {}
+    if Path("/proc/cpuinfo").exists():
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = ln.partition(":")
+            info.setdefault(k.strip(), v.strip())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    avx = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+    return f"{name} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {avx}), {os.cpu_count()} cores"
 
 
 def record(workspace: Path, seed: int, threads: int, wall_s: float | None) -> dict:
