@@ -133,3 +133,35 @@ def test_gpu_script_is_valid_and_its_command_lines_parse():
             mods[m.group(1)].parse(args)
             seen.add(m.group(1))
     assert seen == set(mods)
+
+
+def test_embedded_seeds_sets_the_training_seeds_and_tables_the_spread(tmp_path):
+    """`benchmarks/embedded_seeds.py`: the seed edit reaches exactly the three training entries (comments kept), and
+    the table's spread is the known mean, sample std and min-max of the runs of one machine and thread count."""
+    import importlib.util
+    import shutil
+
+    from nbp.config import load_config
+
+    spec = importlib.util.spec_from_file_location("embedded_seeds", ROOT / "benchmarks" / "embedded_seeds.py")
+    es = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(es)
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = load_config(ROOT / "params.yaml")
+    es.set_seeds(params, 7)
+    after = load_config(params)
+    assert [getattr(after, s)[e].seed for s, e in es.SEED_KEYS] == [7, 7, 7]
+    assert after.train_generator["embedded_ntp"].block == before.train_generator["embedded_ntp"].block
+    assert after.train_tokenizer["ucf101"] == before.train_tokenizer["ucf101"]
+    assert "# The `run` section is THE switch" in params.read_text()
+
+    def rec(seed, threads, psnr, machine="cpu A"):
+        return {"seed": seed, "threads": threads, "machine": machine, "wall_s": 600, "commit": "abc",
+                "metrics": {label: psnr for label, *_ in es.METRICS}}
+
+    md = es.table([rec(0, 2, 1.0), rec(1, 2, 2.0), rec(2, 2, 3.0), rec(0, 1, 5.0), rec(0, 2, 9.0, "cpu B")])
+    rows = {tuple(c.strip() for c in ln.split("|")[1:4]): ln for ln in md.splitlines() if ln.startswith("| cpu")}
+    assert "| 2.00 ± 1.00 (1.00-3.00) |" in rows[("cpu A", "2", "0, 1, 2")]  # PSNR: mean, stdev (n - 1), range
+    assert "5.00 (one seed)" in rows[("cpu A", "1", "0")]
+    assert "9.00 (one seed)" in rows[("cpu B", "2", "0")]  # another machine is not pooled
