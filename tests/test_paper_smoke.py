@@ -155,9 +155,10 @@ DATA_AND_TOKENIZER = ("download", "fetch_detector", "fetch_lpips", "prepare", "r
 @pytest.mark.slurm
 def test_ucf101_smoke_through_snakemake_then_the_slurm_profile(data, tmp_path, record_property):
     """One ucf101 suite, both Snakemake runners on one workspace, as a user who starts on a workstation and finishes
-    on the cluster: `snakemake -c2 --until tokenize` runs the data and tokenizer stages (local executor, 2 jobs at
-    once), then the Slurm CPU profile on a local one-node Slurm runs the generators and the tables, taking the
-    local run's outputs as done. Each runner runs exactly its part; together, every stage of the suite."""
+    on the cluster: `snakemake -c2 --until tokenize eval_tokenizer real_stats` runs the data and tokenizer stages
+    (local executor, 2 jobs at once), then the Slurm CPU profile on a local one-node Slurm runs the generators and
+    the tables, taking the local run's outputs as done. Each runner runs exactly its part; together, every stage
+    of the suite."""
     from slurm_cluster import SlurmCluster, slurm_installed
 
     ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -167,7 +168,7 @@ def test_ucf101_smoke_through_snakemake_then_the_slurm_profile(data, tmp_path, r
     every = stages_of(*UCF)
     local = {s for s in every if s.split("@")[0] in DATA_AND_TOKENIZER}
     t0 = time.monotonic()
-    res = snakemake(["-c2", "--until", "tokenize"], repo, timeout=2700)
+    res = snakemake(["-c2", "--until", "tokenize", "eval_tokenizer", "real_stats"], repo, timeout=2700)
     record_property("ucf101_snakemake_c2_s", round(time.monotonic() - t0, 1))
     assert ran_snakemake(res.stderr + res.stdout) == local
     assert not (repo / "out" / "train_generator").exists()
