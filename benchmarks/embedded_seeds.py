@@ -119,6 +119,8 @@ def table(runs: list[dict]) -> str:
         wall = "—" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.1f}"
         lines.append(f"| {r['machine']} | {r['threads']} | {r['seed']} | {r['commit']} | {wall} | "
                      + " | ".join(_cell(r["metrics"][k], digits[k]) for k in labels) + " |")
+    notes = sorted({f"{r['commit']}: {r['note']}" for r in runs if r.get("note")})
+    lines += [""] + [f"- {n}" for n in notes] if notes else []
     lines += ["", "Spread over seeds (same machine, same threads): mean ± standard deviation (n - 1), then min-max.", "",
               "| machine | threads | seeds | " + " | ".join(labels) + " |", "|" + "---|" * (3 + len(labels))]
     groups: dict[tuple[str, int], list[dict]] = {}
