@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nbp.errors import NbpError
+
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` -> this rank's GPU when CUDA is available, else CPU."""
@@ -44,7 +46,12 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend)
+        except RuntimeError as e:  # a peer failed (and exited) while the group formed: one line, not a traceback
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise NbpError(f"rank {os.environ.get('RANK', '?')} of {world}: the process group did not form "
+                           f"(another rank failed or exited first: {first})") from None
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's node name inside a job step
     print(f"rank {info.rank} of {info.world_size} (local rank {info.local_rank}) on node {node}", flush=True)
