@@ -176,25 +176,134 @@ def test_unsorted_topk_selects_the_reference_top_k_set(kind, k):
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
 @pytest.mark.parametrize("top_p", [0.3, 0.8, 0.9, 0.99])
-def test_nucleus_test_agrees_with_the_reference_for_every_id(kind, top_p):
-    from nbp.generator.sampling import nucleus_test
+def test_nucleus_decision_agrees_with_the_reference_for_every_id(kind, top_p):
+    """For every id of the top k: its standing (larger ids, ties, mass above; one pass over the row) and the
+    nucleus decision with the exact top-k mass agree with the reference filter; only ties across the threshold
+    and masses within TOP_P_MARGIN of it are left open."""
+    from nbp.generator.sampling import nucleus_decision, standing
 
     x = _logits(kind, R=4)
     k = 150
-    vals, idx = torch.topk(x, k, -1, sorted=False)  # [R, k] as the sampler sees them
     kept = torch.isfinite(filter_logits(x, top_k=k, top_p=top_p))
-    w = torch.softmax(vals, -1)
-    z = w.double().sum(-1, keepdim=True)
+    w = torch.softmax(x, -1)
     unsure_total = 0
-    ids = torch.arange(k)[:, None]  # [k, 1]: every candidate
     for r in range(x.shape[0]):
-        keep, unsure = nucleus_test(vals[r].expand(k, -1), w[r].expand(k, -1), z[r].expand(k, 1), ids, top_p)
-        ref = kept[r, idx[r]]
-        assert torch.equal(keep, ref & keep)  # a certain keep is kept by the reference
+        idx = torch.topk(x[r], k).indices  # [k] the reference's top-k set
+        z = w[r, idx].double().sum()
+        gt, tied, above = (a[:, 0] for a in standing(x[r].expand(k, -1), w[r].expand(k, -1), idx[:, None]))
+        # the standing, counted by hand
+        assert torch.equal(gt.long(), (x[r][None] > x[r, idx][:, None]).sum(-1))
+        assert torch.equal(tied.long(), (x[r][None] == x[r, idx][:, None]).sum(-1))
+        ref_above = (w[r][None] * (x[r][None] > x[r, idx][:, None])).double().sum(-1)
+        assert torch.allclose(above.double(), ref_above, rtol=1e-5, atol=1e-9)
+        keep, unsure = nucleus_decision(above, tied, w[r, idx], z.expand(k), z.expand(k), top_p)
+        ref = kept[r, idx]
+        assert not (keep & ~ref).any()  # a certain keep is kept by the reference
         assert not (ref & ~keep & ~unsure).any()  # a certain drop is dropped by the reference
         unsure_total += int(unsure.sum())
+        # looser bounds on the top-k mass only move decisions into `unsure`, never flip them
+        keep2, unsure2 = nucleus_decision(above, tied, w[r, idx], z.expand(k) * 0.99, z.expand(k) * 1.01, top_p)
+        assert not (keep2 & ~keep).any() and not (~keep2 & ~unsure2 & keep).any()
     if kind != "ties":
         assert unsure_total <= 2  # only ids within TOP_P_MARGIN of the threshold
+
+
+def _bracket_cases():
+    g = torch.Generator().manual_seed(11)
+    n, V = 6, 20000
+    base = torch.randn(n, V, generator=g)
+    return {
+        "flat": base * 0.45,  # an untrained model's logits
+        "peaked": base * 6,
+        "sorted": torch.sort(base, -1).values,  # a strided sample sees an ordered row
+        "heavy tail": torch.distributions.StudentT(1.5).sample((n, V)),
+        "two clusters": torch.cat([base[:, : V // 2] - 8, base[:, V // 2:] * 0.01 + 3], 1),
+        "ties": torch.round(base * 4) / 4,
+        "bf16 logits": (base * 2).bfloat16().float(),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bracket_cases()))
+@pytest.mark.parametrize("k", [1, 37, 5000, 15000, 19999])
+def test_top_k_bracket_holds_the_k_th_logit_and_bounds_the_top_k_mass(case, k):
+    """The bracket holds the k-th largest logit with the counts and masses it claims, its mass bounds hold the
+    reference's top-k mass, and narrowing it to exactness gives the top-k set itself (unless tied)."""
+    from nbp.generator.sampling import BAND_MASS, narrow, top_k_bracket
+
+    x = _bracket_cases()[case]
+    w = torch.softmax(x, -1)
+    m, wmax = x.amax(-1, keepdim=True), w.amax(-1, keepdim=True)
+    top = torch.topk(x, k, -1)
+    z = w.gather(-1, top.indices).double().sum(-1, keepdim=True)  # the reference's top-k mass
+    tied_at_k = ((x == top.values[:, -1:]).sum(-1, keepdim=True) > 1) & ((x >= top.values[:, -1:]).sum(-1, keepdim=True) > k)
+
+    def check(br):
+        assert (br.lo <= br.hi).all()
+        assert torch.equal(br.c_lo, (x > br.lo).sum(-1, keepdim=True).float())
+        assert torch.equal(br.c_hi, (x > br.hi).sum(-1, keepdim=True).float())
+        assert torch.allclose(br.z_lo.double(), (w * (x > br.lo)).double().sum(-1, keepdim=True), rtol=1e-5)
+        assert torch.allclose(br.z_hi.double(), (w * (x > br.hi)).double().sum(-1, keepdim=True), rtol=1e-5, atol=1e-9)
+        assert (br.c_lo >= k).all() and (br.c_hi <= k).all()
+        zl, zh = br.mass_bounds(k, m, wmax)
+        assert (zl.double() <= z * (1 + 1e-5)).all() and (z <= zh.double() * (1 + 1e-5)).all()
+        return zl, zh
+
+    br, zl0, zh0, ok = top_k_bracket(x, w, m, wmax, k, torch.empty_like(x))
+    assert ok.all()
+    zl, _ = check(br)
+    assert torch.equal(zl, zl0) and torch.equal(br.mass_bounds(k, m, wmax)[1], zh0)
+    assert (((br.z_lo - zl) <= BAND_MASS * br.z_lo * 1.0001) | tied_at_k).all()
+    exact = narrow(x, w, m, k, br, torch.empty_like(x), exact=True)
+    zl, zh = check(exact)
+    known = exact.c_lo == k
+    assert torch.equal(known, ~tied_at_k)  # exact unless a tie straddles the k-th place
+    assert torch.allclose(zl[known].double(), z[known], rtol=1e-5) and torch.equal(zl[known], zh[known])
+
+
+def test_inverse_cdf_follows_the_weights_and_never_draws_a_zero_weight():
+    from nbp.generator.sampling import CHUNK, _inverse_cdf
+
+    V = 3 * CHUNK + 17  # a padded last chunk
+    w = torch.zeros(1, 4 * CHUNK)
+    p = torch.rand(V, generator=torch.Generator().manual_seed(2)) ** 4
+    p[::3] = 0  # zero weights between positive ones, across chunk edges
+    p[CHUNK:2 * CHUNK] = 0  # a whole empty chunk
+    w[0, :V] = p
+    rows = 70000
+    ws = w.expand(rows, -1).reshape(rows, 4, CHUNK)
+    ids = _inverse_cdf(ws, ws.sum(-1).double().cumsum(-1), None, 3, torch.Generator().manual_seed(0))  # [rows, 3]
+    assert ids.shape == (rows, 3)
+    ids = ids.flatten()
+    n = ids.numel()
+    assert (p[ids] > 0).all()
+    q = p.double() / p.double().sum()
+    freq = torch.bincount(ids, minlength=V).double() / n
+    tv = 0.5 * (freq - q).abs().sum()
+    noise = 0.5 * torch.sqrt(q * (1 - q) / n).sum() * math.sqrt(2 / math.pi)
+    assert tv < 2.0 * noise + 1e-3, (tv, noise)
+
+
+@pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
+@pytest.mark.parametrize("f", [dict(top_k=500, top_p=0.9), dict(top_k=500), dict(top_p=0.7), dict(top_k=1999, top_p=0.5)],
+                         ids=str)
+def test_draws_with_an_approximate_bracket_follow_the_reference_distribution(kind, f, monkeypatch):
+    """A vocabulary of 2,000 (the top-k bracket comes from a strided sample and counting passes): draws stay in
+    the reference's kept set, with its probabilities summed over groups of ids of about equal mass."""
+    from nbp.generator import sampling
+
+    monkeypatch.setattr(sampling, "SAMPLE", 256)  # a strided sample of every 7th logit
+    V, n = 2000, 16000
+    x = _logits(kind, R=1, V=V, seed=4)[0] * {"flat": 1.0, "peaked": 0.4, "ties": 1.5}[kind]  # peaked: sigma 2.4
+    p = _ref_probs(x, 1.0, f.get("top_k"), f.get("top_p")).double()
+    ids = sample_logits(x.expand(n, V), generator=torch.Generator().manual_seed(0), **f)
+    assert (p[ids] > 0).all()
+    order = torch.sort(p, descending=True, stable=True).indices
+    group = torch.empty(V, dtype=torch.long)
+    group[order] = ((p[order].cumsum(0) - p[order]) * 20).long().clamp(max=19)  # ~20 groups of equal mass
+    freq = torch.zeros(20, dtype=torch.float64).index_add_(0, group[ids], torch.ones(n, dtype=torch.float64)) / n
+    q = torch.zeros(20, dtype=torch.float64).index_add_(0, group, p)
+    z = (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]  # each group's deviation in standard errors
+    assert (q > 0.01).sum() >= 3 and z.abs().max() < 4.5, z  # a chance |z| of 4.5 in 20 groups: odds below 1e-3
 
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
@@ -238,3 +347,38 @@ def test_filter_logits_is_the_reference_filter(f):
     vals, idx = _ref_candidates(x, f.get("temperature", 1.0), f.get("top_k"), f.get("top_p"))
     ref = vals if idx is None else torch.full_like(x, NEG).scatter_(-1, idx, vals)
     assert torch.equal(filter_logits(x, **f), ref)
+
+
+@pytest.mark.parametrize("case", ["masked ids", "k-th place masked", "nan", "+inf"])
+def test_draws_on_non_finite_logits_stay_exact(case):
+    """-inf logits (masked ids) are never drawn and the kept set is the reference's, also when the k-th place is
+    -inf; NaN or +inf logits go to the reference draw, which refuses them."""
+    V, n = 600, 4000
+    x = _logits("flat", R=1, V=V, seed=8)[0] * 2
+    f = dict(top_k=300, top_p=0.9)
+    if case == "masked ids":
+        x[::3] = NEG  # 200 masked: the 300th largest is finite
+    elif case == "k-th place masked":
+        x[::2] = NEG  # 300 masked: the 300th largest is finite, the 301st is -inf; k = 400 reaches into -inf
+        f = dict(top_k=400, top_p=1.0)
+    elif case == "nan":
+        x[5] = float("nan")
+    else:
+        x[5] = float("inf")
+    rows = x.expand(n, V)
+    if case in ("nan", "+inf"):  # the reference's multinomial refuses them, and so do we
+        with pytest.raises(RuntimeError, match="inf"):
+            _ref_sample(rows[:40], generator=torch.Generator().manual_seed(0), **f)
+        with pytest.raises(RuntimeError, match="inf"):
+            sample_logits(rows[:40], generator=torch.Generator().manual_seed(0), **f)
+        return
+    p = _ref_probs(x, 1.0, **f).double()
+    ids = sample_logits(rows, generator=torch.Generator().manual_seed(0), **f)
+    assert (p[ids] > 0).all() and torch.isfinite(x[ids]).all()
+    order = torch.sort(p, descending=True, stable=True).indices
+    group = torch.empty(V, dtype=torch.long)
+    group[order] = ((p[order].cumsum(0) - p[order]) * 10).long().clamp(max=9)
+    freq = torch.zeros(10, dtype=torch.float64).index_add_(0, group[ids], torch.ones(n, dtype=torch.float64)) / n
+    q = torch.zeros(10, dtype=torch.float64).index_add_(0, group, p)
+    z = (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]
+    assert z.abs().max() < 4.5, z

@@ -152,6 +152,21 @@ def decode_threads(threads: int = 1):
         torch.set_num_threads(wide)
 
 
+@contextlib.contextmanager
+def wide_threads(enabled: bool = True):
+    """Inside :func:`decode_threads`: run on the thread count set before it (for work that pays for a parallel
+    region); elsewhere, or with ``enabled`` False, change nothing."""
+    if not (enabled and WIDE_THREADS):
+        yield
+        return
+    narrow = torch.get_num_threads()
+    torch.set_num_threads(WIDE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(narrow)
+
+
 def _mkl_packed(w: torch.Tensor, rows: int):
     """MKL's packed sgemm weight for inputs of exactly ``rows`` rows (other row counts make ``_mkl_linear``
     fall back to plain linear), or None where this build has no MKL op."""
@@ -222,11 +237,7 @@ class LinearPack:
                 packed = None
             entry = self.packs[slot] = (key, packed, ws, bs)
         _, packed, ws, bs = entry
-        wide = WIDE_THREADS and (ws.numel() * 4 >= WIDE_MIN_BYTES or 2 * M * ws.numel() >= WIDE_MIN_FLOPS)
-        if wide:
-            narrow = torch.get_num_threads()
-            torch.set_num_threads(WIDE_THREADS)
-        try:
+        with wide_threads(ws.numel() * 4 >= WIDE_MIN_BYTES or 2 * M * ws.numel() >= WIDE_MIN_FLOPS):
             y = None
             if packed is not None:
                 try:
@@ -235,9 +246,6 @@ class LinearPack:
                     self.packs[slot] = (key, None, ws, bs)
             if y is None:
                 y = F.linear(x2, ws, bs)  # [M, hi-lo]
-        finally:
-            if wide:
-                torch.set_num_threads(narrow)
         return y.view(*lead, hi - lo)  # [..., hi-lo]
 
 

@@ -16,7 +16,9 @@ Sampling choices (and where they differ from the released sampler):
   one would emit ids that are not codes).
 - :func:`filter_logits`: temperature, then top-k, then top-p on the k survivors (keeping the first token
   over the threshold), in one batched call over every position of the block and every sample; the
-  released sampler sorts the full vocabulary once per position in a Python loop. With no top-k the
+  released sampler sorts the full vocabulary once per position in a Python loop. On CPU the draw from that
+  filter (:func:`_draw_filtered`) neither sorts nor selects the top k: it brackets the k-th logit by counting
+  and draws by rejection, exactly from the filtered softmax. With no top-k the
   released code applies no top-p at all; here ``top_p`` alone is plain nucleus sampling over the whole
   vocabulary (pass ``top_p=None`` to get the released behaviour).
 - Classifier-free guidance: ``(1 + t) * cond - t * uncond`` with the unconditional rows (learned
@@ -29,12 +31,14 @@ Sampling choices (and where they differ from the released sampler):
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from nbp.generator.layout import TaskLayout
-from nbp.generator.model import GPT, KVCache, decode_threads, plain_linears
+from nbp.generator.model import GPT, KVCache, decode_threads, plain_linears, wide_threads
 from nbp.tracking import progress
 
 # --------------------------------------------------------------------------------------
@@ -70,6 +74,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 
 TOP_P_MARGIN = 1e-5  # |mass before - top_p| below this: decided by the reference filter (float rounding)
+DRAW_BLOCK = 1 << 20  # logits per block of rows of the CPU draw: 4 MB of fp32 (16 rows of 64,000), in cache
+SAMPLE = 2048  # logits per row sampled (in runs of PIECE neighbours) to bracket the k-th largest
+PIECE = 64
+FLOOR = -3.0e38  # below every finite logit, and finite itself (x - FLOOR is never inf - inf)
+CHUNK = 256  # entries per chunk of the two-level inverse-CDF draw
+CANDIDATES = 2  # draws per row in the first round (most rows then need no second round)
+BAND_MASS = 0.25  # narrow a top-k bracket until at most this share of the proposal lies outside the top k
 
 
 def _reference_kept(x: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -77,76 +88,278 @@ def _reference_kept(x: torch.Tensor, top_k: int | None, top_p: float | None) -> 
     return torch.isfinite(filter_logits(x, 1.0, top_k, top_p))
 
 
-def nucleus_test(x: torch.Tensor, w: torch.Tensor, z: torch.Tensor, i: torch.Tensor,
-                 top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Is candidate i [n, 1] of each row of the top-k logits x [n, k] (any order; their softmax w, total z
-    [n, 1]) in the top-p nucleus? -> (keep [n], unsure [n]) bool.
+def nucleus_decision(above: torch.Tensor, tied: torch.Tensor, wi: torch.Tensor, zl: torch.Tensor, zh: torch.Tensor,
+                     top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Is a top-k candidate in the top-p nucleus? -> (keep, unsure), bool, all arguments of one shape.
 
-    The reference keeps the candidate of sorted rank r when the mass of ranks < r, over z, is <= top_p; the
-    ids ranked before i are those with larger logits, plus some of the ids tied with it (their order comes
-    from the sort). ``keep`` is certain; ``unsure`` marks ties across the threshold and masses within
-    ``TOP_P_MARGIN`` of it, where two float summation orders could decide differently.
-    """
-    V = x.shape[-1]
-    v = x.gather(-1, i)  # [n, 1]
-    sgn = (x - v).sign_()  # [n, V]: 1 above the id, 0 tied with it, -1 below
-    above = sgn.clamp_min(0).mul_(w).sum(-1).double()  # [n] mass of the larger logits
-    tied = V - sgn.abs_().sum(-1)  # [n] ids sharing its logit (>= 1)
-    wi = w.gather(-1, i)[:, 0].double()
-    before_lo = above / z[:, 0]  # mass before the first of the tied ids
-    before_hi = (above + (tied - 1) * wi) / z[:, 0]  # mass before the last of them
-    keep = before_hi <= top_p - TOP_P_MARGIN
-    unsure = ~keep & (before_lo <= top_p + TOP_P_MARGIN)
+    ``above``: the softmax mass of the ids with larger logits; ``tied``: how many ids share its logit (>= 1);
+    ``wi``: its own mass; ``[zl, zh]``: bounds of the top-k mass (equal when it is known). The reference keeps
+    the candidate of sorted rank r when the mass of ranks < r, over the top-k mass, is <= top_p; ids tied with
+    it may sort before it, so that mass lies between ``above`` and ``above + (tied - 1) * wi``. ``keep`` is
+    certain; ``unsure`` marks a decision that the bounds, a tie across the threshold or a mass within
+    ``TOP_P_MARGIN`` of it (two float summation orders could decide differently) leave open."""
+    above, wi = above.double(), wi.double()
+    before_hi = above + (tied.double() - 1) * wi
+    keep = before_hi <= (top_p - TOP_P_MARGIN) * zl.double()
+    unsure = ~keep & (above <= (top_p + TOP_P_MARGIN) * zh.double())
     return keep, unsure
+
+
+_WORK = threading.local()  # per-thread scratch of the CPU draw, kept between calls
+
+
+def _scratch(name: str, n: int, V: int) -> torch.Tensor:
+    """A float32 [n, V] scratch tensor kept between calls (per thread): a fresh multi-MB tensor costs more in
+    page faults than the passes that fill it."""
+    bufs = _WORK.__dict__.setdefault("bufs", {})
+    flat = bufs.get(name)
+    if flat is None or flat.numel() < n * V:
+        flat = bufs[name] = torch.empty(n * V)
+    return flat[: n * V].view(n, V)
+
+
+def _above(x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """1.0 where x [n, V] > t [n, 1], else 0.0, written into the float tensor ``out`` (a comparison into a bool
+    tensor is several times slower on CPU)."""
+    return torch.gt(x, t, out=out)
+
+
+def _count_mass(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(#(x > t), mass of w where x > t) per row, [n, 1] each (float)."""
+    ind = _above(x, t, buf)
+    count = ind.sum(-1, keepdim=True)
+    return count, ind.mul_(w).sum(-1, keepdim=True)
+
+
+@dataclass
+class Bracket:
+    """Per row [n, 1]: thresholds ``lo <= hi`` around the k-th largest logit, with c(lo) >= k >= c(hi) where
+    c(t) = #(x > t), and the masses above them. The top-k set lies between {x > hi} and {x > lo}; c(lo) == k
+    gives it exactly, {x > lo} (no tie across the k-th place)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    c_lo: torch.Tensor
+    c_hi: torch.Tensor
+    z_lo: torch.Tensor
+    z_hi: torch.Tensor
+
+    FIELDS = ("lo", "hi", "c_lo", "c_hi", "z_lo", "z_hi")
+
+    def rows(self, idx: torch.Tensor) -> Bracket:
+        return Bracket(*(getattr(self, f)[idx] for f in self.FIELDS))
+
+    def put(self, idx: torch.Tensor, other: Bracket) -> None:
+        for f in self.FIELDS:
+            getattr(self, f)[idx] = getattr(other, f)
+
+    def settle(self, k: int) -> Bracket:
+        """Rows with c(hi) == k: {x > hi} is the top-k set, so lo moves onto hi (c(lo) == k marks it known)."""
+        at = self.c_hi == k
+        if not bool(at.any()):
+            return self
+        return Bracket(torch.where(at, self.hi, self.lo), self.hi, torch.where(at, self.c_hi, self.c_lo), self.c_hi,
+                       torch.where(at, self.z_hi, self.z_lo), self.z_hi)
+
+    def mass_bounds(self, k: int, m: torch.Tensor, wmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds ``zl <= zh`` [n, 1] of the top-k mass (``m``: each row's largest logit, ``wmax`` its softmax
+        mass, 1 / Z). Every id in the band (lo, hi] weighs between w(lo) and w(hi), w(t) = exp(t - m) / Z; the top
+        k are {x > hi} plus the k - c(hi) largest of the band, or {x > lo} less its c(lo) - k smallest."""
+        fa, fb = self.c_lo - k, k - self.c_hi  # band ids below / above the k-th place
+        w_hi, w_lo = torch.exp(self.hi - m) * wmax, torch.exp(self.lo - m) * wmax  # [n, 1]
+        zl = torch.maximum(self.z_lo - fa * w_hi, self.z_hi + fb * w_lo)
+        zh = torch.minimum(self.z_hi + fb * w_hi, self.z_lo - fa * w_lo)
+        return torch.where(fa == 0, self.z_lo, zl), torch.where(fa == 0, self.z_lo, zh)
+
+
+def top_k_bracket(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor, wmax: torch.Tensor, k: int, buf: torch.Tensor,
+                  wl: torch.Tensor | None = None) -> tuple[Bracket, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A :class:`Bracket` of the k-th largest logit of each row of x [n, V] (softmax w; ``m``: each row's largest
+    logit, finite, ``wmax`` its mass; k < V), from a sample of about :data:`SAMPLE` logits and two counting
+    passes, narrowed (:func:`narrow`) only where more than :data:`BAND_MASS` of the mass above ``lo`` may lie
+    outside the top k. ``wl`` [n, V]: receives w where x > lo (the draw's proposal). -> (bracket, bounds zl,
+    zh [n, 1] of the top-k mass, ok [n]: False where fewer than k logits are finite, so the k-th is -inf)."""
+    n, V = x.shape
+    pieces = V // PIECE
+    if pieces >= 2 * SAMPLE // PIECE:  # runs of PIECE neighbours spread over the row: few cache lines to read
+        xs = x[:, : pieces * PIECE].view(n, pieces, PIECE)[:, :: pieces * PIECE // SAMPLE].reshape(n, -1)
+    else:
+        xs = x
+    s = xs.shape[1]
+    r, d = k * s / V, 2.5 * math.sqrt(s * (k / V) * (1 - k / V)) + 1  # expected sample rank (from the top), margin
+    j_hi, j_lo = min(s - 1, max(0, int(r - d))), min(s - 1, max(0, math.ceil(r + d)))  # ranks from the top
+    top = xs.topk(j_lo + 1, -1, sorted=False).values  # [n, j_lo + 1] the sample's largest (unsorted: cheaper)
+    lo = top.amin(-1, keepdim=True).clamp(min=FLOOR)  # [n, 1] the (j_lo + 1)-th largest
+    hi = top.kthvalue(j_lo + 1 - j_hi, -1, keepdim=True).values.clamp(min=FLOOR)  # [n, 1] the (j_hi + 1)-th
+    hi = torch.where(lo < hi, hi, m)  # a sample of tied values: start from the row's maximum
+    c_hi, z_hi = _count_mass(x, w, hi, buf)
+    miss = c_hi > k  # the sample missed: nothing lies above the row's maximum
+    if bool(miss.any()):
+        hi, z_hi, c_hi = torch.where(miss, m, hi), torch.where(miss, 0.0, z_hi), torch.where(miss, 0.0, c_hi)
+    lo = torch.where(lo < hi, lo, FLOOR)
+    out = buf if wl is None else wl
+    c_lo, z_lo = _count_mass(x, w, lo, out)
+    low = c_lo < k  # the sample missed: just below the row's smallest logit (FLOOR if that is -inf)
+    if bool(low.any()):
+        mn = x.amin(-1, keepdim=True)
+        lo = torch.where(low, torch.nextafter(mn, torch.full_like(mn, -math.inf)).clamp(min=FLOOR), lo)
+        c_lo, z_lo = _count_mass(x, w, lo, out)
+    br = Bracket(lo, hi, c_lo, c_hi, z_lo, z_hi).settle(k)
+    zl, zh = br.mass_bounds(k, m, wmax)
+    wide = (br.z_lo - zl) > BAND_MASS * br.z_lo
+    if bool(wide.any()):
+        rows = wide[:, 0].nonzero()[:, 0]
+        br.put(rows, narrow(x[rows], w[rows], m[rows], k, br.rows(rows), buf[: len(rows)], exact=False))
+        zl, zh = br.mass_bounds(k, m, wmax)
+        if wl is not None:  # lo moved after the pass that wrote wl
+            torch.mul(_above(x, br.lo, buf), w, out=wl)
+    return br, zl, zh, br.c_lo[:, 0] >= k
+
+
+def narrow(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor, k: int, br: Bracket, buf: torch.Tensor,
+           exact: bool) -> Bracket:
+    """Narrow the bracket of every row of x [n, V] by false position on the counts (Illinois): until the top-k
+    set is known, c(lo) == k (``exact``), or else until at most :data:`BAND_MASS` of the mass above lo may lie
+    outside the top k. A row stops early when lo and hi are neighbouring floats: the band is then one value,
+    tied across the k-th place."""
+    kf = float(k)
+    wmax = w.amax(-1, keepdim=True)
+    lo, hi, c_lo, c_hi, z_lo, z_hi = (getattr(br, f).clone() for f in Bracket.FIELDS)
+    ga, gb = c_lo - kf, c_hi - kf  # Illinois-weighted distances to k (>= 0, <= 0)
+    moved = torch.zeros_like(ga)  # +1: lo moved last, -1: hi moved last
+    for _ in range(64):
+        live = (c_lo != kf) & (c_hi != kf)
+        if not exact:
+            zl, _ = Bracket(lo, hi, c_lo, c_hi, z_lo, z_hi).mass_bounds(k, m, wmax)
+            live &= (z_lo - zl) > BAND_MASS * z_lo
+        t = lo + (hi - lo) * (ga / (ga - gb))  # [n, 1]
+        t = torch.where((t > lo) & (t < hi), t, lo + (hi - lo) * 0.5)
+        live &= (t > lo) & (t < hi)
+        if not bool(live.any()):
+            break
+        c, z = _count_mass(x, w, t, buf)
+        up, dn = live & (c >= kf), live & (c < kf)  # t becomes lo / hi
+        lo, c_lo, z_lo = torch.where(up, t, lo), torch.where(up, c, c_lo), torch.where(up, z, z_lo)
+        hi, c_hi, z_hi = torch.where(dn, t, hi), torch.where(dn, c, c_hi), torch.where(dn, z, z_hi)
+        ga = torch.where(up, c - kf, torch.where(dn & (moved < 0), ga * 0.5, ga))
+        gb = torch.where(dn, c - kf, torch.where(up & (moved > 0), gb * 0.5, gb))
+        moved = torch.where(up, 1.0, torch.where(dn, -1.0, moved))
+    return Bracket(lo, hi, c_lo, c_hi, z_lo, z_hi).settle(k)
+
+
+def standing(x: torch.Tensor, w: torch.Tensor, i: torch.Tensor, buf: torch.Tensor | None = None):
+    """Where ids i [r, c] stand in their rows of logits x [r, V] (softmax w): (#ids with a larger logit, #ids
+    with the same logit (>= 1), mass of the larger ones), [r, c] each (``buf`` [r, c, V]: float scratch)."""
+    v = x.gather(-1, i)[..., None]  # [r, c, 1]
+    buf = torch.empty(*i.shape, x.shape[-1]) if buf is None else buf
+    gt = torch.gt(x[:, None], v, out=buf).sum(-1)  # [r, c]
+    above = buf.mul_(w[:, None]).sum(-1)  # [r, c]
+    tied = torch.eq(x[:, None], v, out=buf).sum(-1)  # [r, c]
+    return gt, tied, above
+
+
+def _inverse_cdf(ws: torch.Tensor, cs: torch.Tensor, rows: torch.Tensor | None, c: int,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """``c`` independent ids per row, each drawn with probability proportional to its weight: ws [n, nc, C] the
+    weights in chunks of C (zero-padded), cs [n, nc] their cumulative chunk sums (float64); ``rows`` a subset
+    of the rows (None: all). The chunk comes from the cumulative chunk sums, the id inside it from the chunk's
+    own cumulative sum, one uniform per draw. -> [r, c] ids, each of positive weight."""
+    rows = torch.arange(ws.shape[0]) if rows is None else rows
+    cs = cs[rows]  # [r, nc]
+    r, nc = cs.shape
+    C = ws.shape[-1]
+    u = torch.rand(r, c, dtype=torch.float64, generator=generator) * cs[:, -1:]  # [r, c]
+    j = torch.searchsorted(cs, u, right=True).clamp_(max=nc - 1)  # [r, c] first chunk whose total passes u
+    base = torch.where(j > 0, cs.gather(-1, (j - 1).clamp(min=0)), 0.0)  # [r, c] mass of the chunks before
+    seg = ws[rows[:, None], j].double().cumsum(-1)  # [r, c, C] inside the chosen chunks
+    u2 = torch.minimum((u - base).clamp_(min=0), seg[..., -1] * (1 - 2.0 ** -40))  # within the chunk's mass
+    return torch.searchsorted(seg, u2[..., None], right=True)[..., 0] + j * C  # [r, c]
 
 
 def _draw_filtered(x: torch.Tensor, top_k: int | None, top_p: float | None,
                    generator: torch.Generator | None, max_rounds: int = 64) -> torch.Tensor:
     """One id per row of temperature-scaled logits x [R, V], distributed as softmax over the kept set of
-    :func:`filter_logits`, without sorting the candidates: rejection sampling.
+    :func:`filter_logits`, without sorting or selecting the top k: rejection sampling, in blocks of about
+    :data:`DRAW_BLOCK` logits.
 
-    The top-k set comes from ``torch.topk(sorted=False)``: the same selection as the reference's sorted
-    top-k (ties included), without its sort of the k survivors. The proposal is the softmax over the
-    survivors, drawn by inverting its cumulative sum (float64, survivors in topk's order) with one uniform
-    per row. A draw is accepted when it is in the top-p nucleus (:func:`nucleus_test`; ties across the
-    threshold and masses within ``TOP_P_MARGIN`` of it ask the reference filter of that row). Accepted draws
-    follow the proposal restricted to the kept set, i.e. exactly the filtered softmax; the acceptance rate is
-    the kept share of the top-k mass, > top_p, so about 1.1 rounds at top_p 0.9.
+    Per block: the softmax w over the vocabulary, and a bracket ``lo < hi`` of the k-th largest logit
+    (:func:`top_k_bracket`: a strided sample and two counting passes), which bounds the top-k mass. The
+    proposal is w restricted to x > lo, a superset of the top-k set (:func:`_inverse_cdf`). One pass over the
+    row gives a draw's standing: how many ids are larger, how many tie with it, and their mass. That decides
+    top-k membership exactly; the nucleus (:func:`nucleus_decision`) is decided on the mass bounds, and where
+    they leave it open the row's bracket is narrowed until the top-k set is exact (:func:`narrow`); a tie
+    across the k-th place or the nucleus threshold, or a mass within ``TOP_P_MARGIN`` of it, asks the
+    reference filter of that row. Accepted draws follow the proposal restricted to the kept set, i.e. exactly
+    the filtered softmax; rejections redraw.
     """
     R, V = x.shape
-    if top_k is not None and top_k < V:
-        vals, idx = torch.topk(x, top_k, dim=-1, sorted=False)  # [R, k] the top-k set, unsorted
-    else:
-        vals, idx = x, None
-    w = torch.softmax(vals, dim=-1)  # [R, k]
-    cum = w.double().cumsum(-1)  # [R, k]
-    z = cum[:, -1:]  # [R, 1] (1 up to rounding)
-    K = vals.shape[-1]
+    rows = max(1, DRAW_BLOCK // V)
     out = torch.empty(R, dtype=torch.long)
+    for a in range(0, R, rows):
+        out[a:a + rows] = _draw_block(x[a:a + rows], top_k, top_p, generator, max_rounds)
+    return out
+
+
+def _draw_block(x: torch.Tensor, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                max_rounds: int) -> torch.Tensor:
+    """:func:`_draw_filtered` for one block of rows x [n, V]."""
+    n, V = x.shape
+    m = x.amax(-1, keepdim=True)  # [n, 1]
+    if not bool(torch.isfinite(m).all()):  # NaN, +inf, or nothing but -inf: the reference
+        return _reference_sample(x, top_k, top_p, generator)
+    x = x.contiguous()
+    buf = _scratch("buf", n, V)
+    w = torch.softmax(x, dim=-1, out=_scratch("w", n, V))  # [n, V]
+    wmax = w.amax(-1, keepdim=True)  # [n, 1] 1 / Z
+    Vp = -(-V // CHUNK) * CHUNK
+    wl = _scratch("wl", n, Vp)  # [n, Vp] the proposal's weights, zero-padded to whole chunks
+    wl[:, V:] = 0
+    limited = top_k is not None and top_k < V
+    if limited:
+        br, zl, zh, ok = top_k_bracket(x, w, m, wmax, top_k, buf, wl[:, :V])  # and wl: w where x > lo
+        if not bool(ok.all()):  # -inf at the k-th place: the reference
+            return _reference_sample(x, top_k, top_p, generator)
+    else:
+        wl[:, :V] = w
+        zl = zh = w.double().sum(-1, keepdim=True)
+    ws = wl.view(n, Vp // CHUNK, CHUNK)  # [n, nc, C]
+    cs = ws.sum(-1).double().cumsum_(-1)  # [n, nc]
+    kf = float(top_k) if limited else float(V)
     nucleus = top_p is not None and top_p < 1.0
+    out = torch.empty(n, dtype=torch.long)
     kept_ref: dict[int, torch.Tensor] = {}
-    todo = torch.arange(R)
+    todo, c = torch.arange(n), CANDIDATES
     for _ in range(max_rounds):
         if not todo.numel():
             break
-        full = todo.numel() == R
-        vs, ws, cs, zs = (vals, w, cum, z) if full else (vals[todo], w[todo], cum[todo], z[todo])
-        u = torch.rand(todo.numel(), 1, dtype=torch.float64, generator=generator) * zs  # [n, 1]
-        i = torch.searchsorted(cs, u, right=True)  # [n, 1] first survivor whose cumulative mass exceeds u
-        accept = i[:, 0] < K
-        i = i.clamp_max(K - 1)
+        full = len(todo) == n
+        i = _inverse_cdf(ws, cs, None if full else todo, c, generator)  # [r, c] vocabulary ids
+        xt, wt = (x, w) if full else (x[todo], w[todo])  # [r, V]
+        gt, tied, above = standing(xt, wt, i, _scratch("cand", len(todo) * c, V).view(len(todo), c, V))
+        in_k = gt + tied <= kf  # every id tied with it is in the top k
+        keep, unsure = in_k, ~in_k & (gt < kf)  # a tie across the k-th place: the reference decides
         if nucleus:
-            keep, unsure = nucleus_test(vs, ws, zs, i, top_p)
-            for r in unsure.nonzero().squeeze(-1).tolist():  # rare: ask the reference filter
-                row = int(todo[r])
-                if row not in kept_ref:
-                    kept_ref[row] = _reference_kept(x[row:row + 1], top_k, top_p)[0]
-                vocab_id = i[r, 0] if idx is None else idx[row, i[r, 0]]
-                keep[r] = kept_ref[row][vocab_id]
-            accept &= keep
-        ids = i if idx is None else (idx if full else idx[todo]).gather(-1, i)  # [n, 1] vocabulary ids
-        out[todo[accept]] = ids[accept, 0]
-        todo = todo[~accept]
+            wi = wt.gather(-1, i)  # [r, c]
+            zlt, zht = (zl, zh) if full else (zl[todo], zh[todo])  # [r, 1]
+            keep_p, unsure_p = nucleus_decision(above, tied, wi, zlt, zht, top_p)
+            loose = (in_k & unsure_p & (zlt < zht)).any(-1)  # [r]
+            if limited and bool(loose.any()):  # the bounds leave it open: the top-k set of those rows, exactly
+                rows = todo[loose]
+                br.put(rows, narrow(x[rows], w[rows], m[rows], top_k, br.rows(rows), buf[: len(rows)], exact=True))
+                zl, zh = br.mass_bounds(top_k, m, wmax)
+                zlt, zht = (zl, zh) if full else (zl[todo], zh[todo])
+                keep_p, unsure_p = nucleus_decision(above, tied, wi, zlt, zht, top_p)
+            unsure = unsure | (in_k & unsure_p)
+            keep = in_k & keep_p
+        for r, j in unsure.nonzero().tolist():  # rare: ask the reference filter of that row
+            row = int(todo[r])
+            if row not in kept_ref:
+                kept_ref[row] = _reference_kept(x[row:row + 1], top_k, top_p)[0]
+            keep[r, j] = kept_ref[row][i[r, j]]
+        done = keep.any(-1)  # [r]
+        first = keep.to(torch.uint8).argmax(-1)  # [r] the first accepted draw: plain rejection sampling
+        out[todo[done]] = i[done, first[done]]
+        todo, c = todo[~done], 1
     if todo.numel():  # rejected max_rounds times (a tiny nucleus): the reference draw, still exact
         out[todo] = _reference_sample(x[todo], top_k, top_p, generator)
     return out
@@ -165,8 +378,9 @@ def sample_logits(logits: torch.Tensor, *, greedy: bool = False, temperature: fl
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of logits [..., V] -> [...] (argmax when greedy, else a draw from the filtered softmax).
 
-    CPU: :func:`_draw_filtered` (no sort of the candidates; the reference draw's distribution, not its draws
-    for a seed). Other devices, and ``top_k`` <= 0, use the reference draw over the sorted candidates.
+    CPU: :func:`_draw_filtered` (no sort and no top-k selection: a few counting passes and a rejection draw;
+    the reference draw's distribution, not its draws for a seed). Other devices, and ``top_k`` <= 0, use the
+    reference draw over the sorted candidates.
     """
     if greedy:
         return logits.argmax(dim=-1)
@@ -368,6 +582,7 @@ class StaticDecoder:
 # generation
 
 NARROW_THREADS = 1  # threads of a CPU decode step's small ops (fast path); the wide linears keep the caller's
+WIDE_DRAW = 1 << 18  # logits of at least this many entries are filtered and drawn on the caller's threads
 
 
 @torch.no_grad()
@@ -433,8 +648,9 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
             pos += feed.shape[1]
             if guided:
                 logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
-            new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                                generator=generator) + lo  # [B, n]
+            with wide_threads(logits.numel() >= WIDE_DRAW):  # the draw's passes over the logits
+                new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator) + lo  # [B, n]
             made += n
             feed = new
             if made == p.insert_after:
