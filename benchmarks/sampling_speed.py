@@ -141,9 +141,13 @@ def bare_forward(model: GPT, ids: torch.Tensor, start: int, kv: list[tuple[torch
     for blk, (k, v) in zip(model.blocks, kv):
         at = blk.attn
         h = F.layer_norm(x, (C,), blk.ln1.weight, blk.ln1.bias)
-        q = lin(h, at.query).view(B, n, nh, C // nh).transpose(1, 2)  # [B, nh, n, hs]
-        lin(h, at.key)  # the new keys/values are computed (and dropped) as in a real step
-        lin(h, at.value)
+        if at.fused:  # one matmul for query, key and value, as the model's own step
+            q = fast_linear(h, at.qkv_weight, at.qkv_bias, at.__dict__.get("qkv_pack") if fast else None)[..., :C]
+        else:
+            q = lin(h, at.query)
+            lin(h, at.key)  # the new keys/values are computed (and dropped) as in a real step
+            lin(h, at.value)
+        q = q.reshape(B, n, nh, C // nh).transpose(1, 2)  # [B, nh, n, hs]
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, C)  # [B, n, C]
         x = x + lin(y, at.proj)
         h = F.layer_norm(x, (C,), blk.ln2.weight, blk.ln2.bias)
@@ -273,12 +277,15 @@ def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> s
     during = f", {min(LOADS):.2f}-{max(LOADS):.2f} during the generation runs" if LOADS else ""
     lines = [f"Device: {device_label(device)}; load average (1 min) {load[0]:.2f} before, {load[1]:.2f} after{during} "
              f"(other work on the machine inflates times). Model: {a.n_layer} layers, width {a.n_embd}, {a.n_head} heads, "
-             f"vocabulary {a.vocab:,}, random weights (the same for NBP and NTP), batch {a.batch}; grid "
+             f"vocabulary {a.vocab:,}, random weights (the same for NBP and NTP), fused QKV as `load_generator` builds "
+             f"it, batch {a.batch}; grid "
              f"{'x'.join(map(str, a.grid))}, {a.context_frames} latent context frames. Seconds: median (min-max) of "
              f"{gen_rows[0]['n']} interleaved repeats after one warm-up. Command: `{cmd}`.", "",
              "Linears: *fast* is `generate`'s default on CPU (packed fp32 weights: MKL packed sgemm for one row, oneDNN "
              "for more; the head over the sampled ids only; a decode step's small ops on one thread, the wide "
-             "linears on all); *plain* is `generate(..., fast=False)` (`F.linear`, every op on all threads).", "",
+             "linears on all; the filter and draw on all, over the logits); *plain* is `generate(..., fast=False)` "
+             "(`F.linear`, every op on all threads). *Sampled* draws with the sort-free CPU filter (bracketed top k, "
+             "rejection draw); the *reference draw* sorts the top k and draws with `torch.multinomial`.", "",
              "| mode | block | linears | filter | forward passes | seconds | tokens/s | limit s | of the limit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in gen_rows:
@@ -373,7 +380,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=a.vocab, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)).to(device).eval()
+    model = GPT(GPTConfig(vocab_size=a.vocab, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd))
+    model.prepare_inference(device=device)  # as load_generator (eval_generator, nbp sample): fused QKV
     load0 = os.getloadavg()[0]
     print(f"load average before: {os.getloadavg()}", flush=True)
     gen_rows = bench_generation(model, a, device)

@@ -57,7 +57,7 @@ def generator_from_checkpoint(ckpt: dict, device="cpu", source: str = "generator
     except (KeyError, RuntimeError) as e:
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise NbpError(f"{source}: weights do not match the generator config ({' '.join(first[:2])[:300]})") from None
-    model.to(device).eval()
+    model.prepare_inference(device=device)  # eval mode, fused QKV (state-dict names unchanged)
     info = {k: v for k, v in ckpt.items() if k not in ("model", "config", "task", "classes", "tokenizer")}
     return LoadedGenerator(model, task, list(ckpt.get("classes", [])), ckpt.get("tokenizer"), info)
 
