@@ -271,3 +271,27 @@ def test_wide_linears_run_on_the_outer_threads(monkeypatch):
     if not (HAVE_MKL or HAVE_DNNL):
         pytest.skip("no packed kernels in this torch build")
     assert {t for n, t in seen if n == 300} == {outer} and {t for n, t in seen if n != 300} == {1}
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_the_draw_of_large_logits_runs_on_the_outer_threads(monkeypatch, wide):
+    """generate draws from logits of at least WIDE_DRAW entries on the caller's thread count (a pass over them pays
+    for a parallel region), and from smaller ones on the decode steps' one thread."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread only: nothing to widen")
+    seen = []
+    orig = S.sample_logits
+
+    def spy(logits, **kw):
+        seen.append(torch.get_num_threads())
+        return orig(logits, **kw)
+
+    monkeypatch.setattr(S, "sample_logits", spy)
+    monkeypatch.setattr(S, "WIDE_DRAW", 1 if wide else 1 << 40)
+    outer = torch.get_num_threads()
+    task = _task(**MODES["nbp"])
+    S.generate(_model(task.vocab_size), task, _prompt(task), top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == S.count_steps(task)
+    assert seen[0] == outer  # the prefill's draw: decode_threads not yet entered
+    assert set(seen[1:]) == ({outer} if wide else {1})
+    assert torch.get_num_threads() == outer
