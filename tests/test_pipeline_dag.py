@@ -189,3 +189,19 @@ def test_a_fresh_clone_with_committed_results_plans_the_whole_dag(tmp_path, prof
     args = ["-n", "-c2"] + (["--profile", profile] if profile else [])
     planned = ran_snakemake(snakemake(args, cwd=repo).stdout)
     assert planned == ALL_STAGES, sorted(planned ^ ALL_STAGES)
+
+
+def test_a_fresh_clone_dry_runs_every_stage_under_dvc(tmp_path):
+    """On a fresh clone `dvc repro --dry --force` and `dvc exp run --dry --force` list every stage and exit 0. Plain
+    `--dry` stops at the first stage with an upstream output (DVC 3.67 hashes a stage's dependencies for its run
+    cache before printing it, and an output not yet made cannot be hashed); `--force` skips that lookup, and on a
+    fresh clone every stage runs anyway. The README documents both."""
+    from pipeline_helpers import ALL_STAGES, copy_repo, dvc, ran_dvc
+
+    repo = copy_repo(tmp_path / "clone")
+    plain = dvc(["repro", "--dry"], repo, check=False)
+    assert plain.returncode != 0 and "No such file or directory" in plain.stdout + plain.stderr  # as documented
+    for cmd in (["repro", "--dry", "--force"], ["exp", "run", "--dry", "--force"]):
+        out = dvc(cmd, repo)
+        assert ran_dvc(out.stdout + out.stderr) == ALL_STAGES, cmd
+    assert not (repo / "out").exists()  # a dry run made nothing
