@@ -192,7 +192,8 @@ def bench_step(model, a, device) -> list[dict]:
             S.decode_step(model, task, ids[:, P:], cache, P)
             kv = [(cache.k[i].clone(), cache.v[i].clone()) for i in range(model.config.n_layer)]  # [B, nh, P+B, hs]
             start = torch.tensor(P, device=device)
-            step = {"cached": functools.partial(S.decode_step, model, task, ids[:, P:], cache, P),
+            bid = task.block_ids(P + B).tolist()  # as generate passes it: a whole block needs no mask
+            step = {"cached": functools.partial(S.decode_step, model, task, ids[:, P:], cache, P, bid=bid),
                     "static": functools.partial(model.static_step, ids[:, P:], start, cache),
                     "full": functools.partial(model, ids, task.dense_mask(P + B, device=device))}
             fns = {}
