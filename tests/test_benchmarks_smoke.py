@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from nbp.generator import model as M
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -34,10 +37,13 @@ def test_sampling_speed_tiny(tmp_path):
     assert "load average before" in out
     body = _section(md, "sampling_speed_cpu")
     # NBP: 5 generation rows (fast greedy, sampled, reference draw; plain greedy, sampled) + 2 step rows (fast,
-    # plain); NTP: 3 (fast greedy, sampled; plain greedy) + 2
-    assert body.count("| NBP |") == 7 and body.count("| NTP |") == 5
+    # plain); NTP: 3 (fast greedy, sampled; plain greedy) + 2, and greedy with MKL for one-row linears where
+    # this build has both kernels
+    both = M._HAVE_DNNL and hasattr(torch.ops.mkl, "_mkl_linear")
+    assert body.count("| NBP |") == 7 and body.count("| NTP |") == 5 + both
     assert "sort-based reference draw" in body and "bare forward" in body and "Hardware limits" in body
-    assert "(same ids as fast)" in body  # greedy plain and fast agree
+    assert body.count("(same ids as fast)") == 2 + both  # greedy: plain NBP, plain NTP (and MKL one-row) agree
+    assert ("One-row linears (every NTP step)" in body) == both
 
 
 def test_gpu_decode_tiny_on_cpu(tmp_path):

@@ -54,7 +54,7 @@ def _f64_logits(m, ids, vocab=None):
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("L", [1, 7, 40])  # one row (MKL packed), a decode block and a prefill (oneDNN)
+@pytest.mark.parametrize("L", [1, 7, 40])  # one row, a decode block and a prefill (oneDNN; MKL for one row without it)
 def test_fast_logits_match_plain_and_float64(L):
     m = _model(500)
     ids = torch.randint(0, 500, (1, L), generator=torch.Generator().manual_seed(L))
@@ -68,8 +68,22 @@ def test_fast_logits_match_plain_and_float64(L):
     assert (fast.double() - ref).abs().max() < TOL
     assert torch.equal(fast, again)
     kinds = {k[0] for k, e in m.head.pack.packs.items() if e[1] is not None}
-    want = ({"mkl"} if L == 1 and HAVE_MKL else set()) | ({"dnnl"} if L > 1 and HAVE_DNNL else set())
+    want = {"dnnl"} if HAVE_DNNL else ({"mkl"} if L == 1 and HAVE_MKL else set())
     assert kinds == want  # the packed kernel of the rule ran (where this torch build has it)
+
+
+@pytest.mark.skipif(not HAVE_MKL, reason="this torch build has no MKL packed sgemm")
+def test_one_row_linears_take_mkl_where_onednn_is_missing(monkeypatch):
+    monkeypatch.setattr(M, "_HAVE_DNNL", False)
+    assert (M.pack_kind(1), M.pack_kind(7)) == ("mkl", "dnnl")
+    m = _model(500)
+    ids = torch.randint(0, 500, (1, 1), generator=torch.Generator().manual_seed(3))
+    ref = _f64_logits(m, ids)
+    with torch.no_grad():
+        fast = m.fast_cpu()(ids)
+    assert (fast.double() - ref).abs().max() < TOL
+    assert {k[0] for k, e in m.head.pack.packs.items() if e[1] is not None} == {"mkl"}
+    assert {k[1] for k in m.head.pack.packs} == {1}  # laid out for exactly one row
 
 
 def test_head_over_a_vocabulary_span_is_that_slice_of_the_full_head():

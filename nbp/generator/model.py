@@ -183,13 +183,24 @@ def _dnnl_packed(w: torch.Tensor, rows: int):
 
 
 PACKERS = {"mkl": _mkl_packed, "dnnl": _dnnl_packed}
+_HAVE_DNNL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def pack_kind(rows: int) -> str:
     """The matmul for an fp32 CPU linear of ``rows`` input rows (a fixed rule from the measurements in
-    results/speed.md): one row, MKL's packed sgemm (its sgemv path reads the weight at a fraction of the
-    bandwidth); more rows, oneDNN's reordered weight (2-7x MKL's sgemm for 16-32 rows on this CPU)."""
-    return "mkl" if rows == 1 else "dnnl"
+    results/speed.md, so that a machine always runs the same kernels): oneDNN's reordered weight, for any row
+    count; MKL's packed sgemm for one row only where this build has no oneDNN (plain ``F.linear`` takes MKL's
+    sgemv path, which reads the weight at a fraction of the bandwidth)."""
+    return "dnnl" if rows > 1 or _HAVE_DNNL else "mkl"
+
+
+def pack_rows(kind: str, rows: int) -> int:
+    """The row count a pack is laid out for (0: the input's own): MKL's packs serve exactly their row count;
+    oneDNN keeps one pack for a decode step's rows (1 to 64, laid out for 16) and one for longer inputs (a
+    prefill)."""
+    if kind == "mkl":
+        return rows
+    return 16 if rows <= 64 else 0
 
 
 def _run_packed(kind: str, x: torch.Tensor, packed, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -224,7 +235,7 @@ class LinearPack:
         x2 = x.reshape(-1, K)  # [M, K]
         M = x2.shape[0]
         kind = pack_kind(M)
-        bucket = M if kind == "mkl" else (16 if M <= 64 else 0)  # oneDNN: a decode-step pack and a prefill pack
+        bucket = pack_rows(kind, M)
         slot = (kind, bucket, lo, hi)
         key = self._key(w, b)
         entry = self.packs.get(slot)
