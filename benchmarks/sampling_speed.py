@@ -95,8 +95,9 @@ def frame_task(grid, block, vocab, context_frames) -> TaskLayout:
     return TaskLayout("frame_pred", BlockLayout(tuple(grid), tuple(block)), vocab, context_frames=context_frames)
 
 
-def settings(a) -> list[tuple[str, tuple, str, bool]]:
-    """(mode, block, filter, fast linears) of every generation row."""
+def settings(a) -> list[tuple[str, tuple, str, bool | str]]:
+    """(mode, block, filter, linears) of every generation row; linears: True fast, False plain, or
+    :data:`MKL_ONE_ROW` (fast, with the earlier one-row rule)."""
     out = []
     for mode, block in (("NBP", (1, 1, a.block)), ("NTP", (1, 1, 1))):
         out += [(mode, block, f, True) for f in FILTERS]
