@@ -232,6 +232,7 @@ def test_top_k_bracket_holds_the_k_th_logit_and_bounds_the_top_k_mass(case, k):
 
     x = _bracket_cases()[case]
     w = torch.softmax(x, -1)
+    w2 = torch.stack([torch.ones_like(w), w], 1)  # [n, 2, V] as sampling.weights lays it out
     m, wmax = x.amax(-1, keepdim=True), w.amax(-1, keepdim=True)
     top = torch.topk(x, k, -1)
     z = w.gather(-1, top.indices).double().sum(-1, keepdim=True)  # the reference's top-k mass
@@ -248,7 +249,7 @@ def test_top_k_bracket_holds_the_k_th_logit_and_bounds_the_top_k_mass(case, k):
         assert (zl.double() <= z * (1 + 1e-5)).all() and (z <= zh.double() * (1 + 1e-5)).all()
         return zl, zh
 
-    br, zl0, zh0, ok = top_k_bracket(x, w, m, wmax, k, torch.empty_like(x))
+    br, zl0, zh0, ok = top_k_bracket(x, w2, m, wmax, k, torch.empty(2 * x.numel()))
     assert ok.all()
     zl, _ = check(br)
     assert torch.equal(zl, zl0) and torch.equal(br.mass_bounds(k, m, wmax)[1], zh0)
@@ -382,3 +383,92 @@ def test_draws_on_non_finite_logits_stay_exact(case):
     q = torch.zeros(10, dtype=torch.float64).index_add_(0, group, p)
     z = (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]
     assert z.abs().max() < 4.5, z
+
+
+def test_strided_sample_sees_a_bit_structured_vocabulary_without_bias():
+    """An LFQ-like vocabulary: an id's logit is a weighted sum of its 16 bits. The odd stride of strided_sample
+    puts the row's upper quartile at its binomial share of the sample; runs of 64 neighbours (which share their
+    10 high bits) miss it by tens of standard deviations."""
+    from nbp.generator.sampling import sample_step, strided_sample
+
+    V = 1 << 16
+    assert sample_step(V) % 2 == 1 and sample_step(2000) == 1 and sample_step(20000) % 2 == 1
+    bits = ((torch.arange(V)[:, None] >> torch.arange(16)) & 1).float() * 2 - 1  # [V, 16]
+    z_stride, z_runs = [], []
+    for seed in range(10):
+        a = torch.randn(16, generator=torch.Generator().manual_seed(seed))
+        x = (bits @ a)[None] + 0.1 * torch.randn(1, V, generator=torch.Generator().manual_seed(100 + seed))
+        q75 = x.quantile(0.75)
+        for sample, zs in ((strided_sample(x), z_stride), (x.view(1, V // 64, 64)[:, ::32].reshape(1, -1), z_runs)):
+            share = (sample > q75).double().mean()
+            zs.append(float((share - 0.25) / math.sqrt(0.25 * 0.75 / sample.shape[1])))
+    assert max(abs(z) for z in z_stride) < 4, z_stride
+    assert max(abs(z) for z in z_runs) > 10, z_runs
+
+
+def test_counts_masses_are_exact_counts_and_masses_at_every_threshold():
+    from nbp.generator.sampling import counts_masses, weights
+
+    x = _bracket_cases()["bf16 logits"][:4]  # ties everywhere
+    m = x.amax(-1, keepdim=True)
+    w2 = weights(x, m)
+    t = torch.stack([x[:, 7], x[:, 11], m[:, 0], torch.full_like(m[:, 0], -math.inf)], 1)  # [n, 4]: ties, max, -inf
+    c, z = counts_masses(x, w2, t, torch.empty(x.numel() * 4))
+    above = x[:, None] > t[..., None]  # [n, 4, V]
+    assert torch.equal(c, above.sum(-1).float())
+    ref = (above * torch.exp(x.double() - m.double())[:, None]).sum(-1)
+    assert torch.allclose(z.double(), ref, rtol=2e-6), (z, ref)
+    assert torch.equal(w2[:, 0], torch.ones_like(x))
+
+
+CUT_FILTERS = [dict(top_k=16000, top_p=0.9), dict(top_k=5000, top_p=0.5), dict(top_k=19999, top_p=0.99),
+               dict(top_k=37, top_p=0.9), dict(top_k=5000), dict(top_p=0.8), dict(top_p=0.2)]
+
+
+@pytest.mark.parametrize("case", list(_bracket_cases()))
+@pytest.mark.parametrize("f", CUT_FILTERS, ids=str)
+def test_filter_cuts_never_contradict_the_reference_filter(case, f):
+    """Every id above the keep cut is in the reference's kept set and none at or below the drop cut is, for every
+    id of every row; and on an untrained model's flat logits with the evaluation filter the cuts leave at most a
+    tenth of the kept weight undecided (those draws take a pass of their own)."""
+    from nbp.generator.sampling import filter_cuts, weights
+
+    x = _bracket_cases()[case]
+    k, p = f.get("top_k"), f.get("top_p")
+    m = x.amax(-1, keepdim=True)
+    w2 = weights(x, m)
+    cut = filter_cuts(x, w2, m, k, p, torch.empty(2 * x.numel()))
+    kept = torch.isfinite(filter_logits(x, top_k=k, top_p=p))
+    assert not (~kept & (x > cut.keep)).any()
+    assert not (kept & (x <= cut.drop)).any()
+    assert torch.allclose(cut.total.double(), w2[:, 1].double().sum(-1, keepdim=True), rtol=1e-5)
+    assert torch.allclose(cut.z_drop.double(), (w2[:, 1] * (x > cut.drop)).double().sum(-1, keepdim=True), rtol=1e-5)
+    if case == "flat" and k == 16000 and p == 0.9:
+        w = w2[:, 1].double()
+        open_ = (w * kept * ~(x > cut.keep)).sum(-1) / (w * kept).sum(-1)  # kept weight between the cuts
+        assert (open_ < 0.1).all(), open_
+
+
+@pytest.mark.parametrize("f", [dict(top_k=700, top_p=0.9), dict(top_p=0.6)], ids=str)
+def test_draws_proposed_from_all_weights_follow_the_reference_distribution(f):
+    """A vocabulary of 1,024 (whole chunks) whose filter keeps a large share of the weight: the draw proposes from
+    all weights, the drop cut rejects without a pass; the draws keep the reference's probabilities, summed over
+    about 20 groups of ids of equal mass."""
+    from nbp.generator import sampling
+
+    V, n = 1024, 16000
+    x = _logits("flat", R=1, V=V, seed=9)[0]
+    m = x.amax()[None, None]
+    cut = sampling.filter_cuts(x[None], sampling.weights(x[None], m), m, f.get("top_k"), f.get("top_p"),
+                               torch.empty(2 * V))
+    assert bool(cut.z_drop >= sampling.FULL_PROPOSAL * cut.total)  # the case exercises the unfiltered proposal
+    p = _ref_probs(x, 1.0, f.get("top_k"), f.get("top_p")).double()
+    ids = sample_logits(x.expand(n, V), generator=torch.Generator().manual_seed(0), **f)
+    assert (p[ids] > 0).all()
+    order = torch.sort(p, descending=True, stable=True).indices
+    group = torch.empty(V, dtype=torch.long)
+    group[order] = ((p[order].cumsum(0) - p[order]) * 20).long().clamp(max=19)
+    freq = torch.zeros(20, dtype=torch.float64).index_add_(0, group[ids], torch.ones(n, dtype=torch.float64)) / n
+    q = torch.zeros(20, dtype=torch.float64).index_add_(0, group, p)
+    z = (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]
+    assert (q > 0.01).sum() >= 10 and z.abs().max() < 4.5, z

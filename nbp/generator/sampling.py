@@ -17,8 +17,8 @@ Sampling choices (and where they differ from the released sampler):
 - :func:`filter_logits`: temperature, then top-k, then top-p on the k survivors (keeping the first token
   over the threshold), in one batched call over every position of the block and every sample; the
   released sampler sorts the full vocabulary once per position in a Python loop. On CPU the draw from that
-  filter (:func:`_draw_filtered`) neither sorts nor selects the top k: it brackets the k-th logit by counting
-  and draws by rejection, exactly from the filtered softmax. With no top-k the
+  filter (:func:`_draw_filtered`) neither sorts nor selects the top k: it places cuts by counting at a few
+  thresholds and draws by rejection, exactly from the filtered softmax. With no top-k the
   released code applies no top-p at all; here ``top_p`` alone is plain nucleus sampling over the whole
   vocabulary (pass ``top_p=None`` to get the released behaviour).
 - Classifier-free guidance: ``(1 + t) * cond - t * uncond`` with the unconditional rows (learned
@@ -75,12 +75,14 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 TOP_P_MARGIN = 1e-5  # |mass before - top_p| below this: decided by the reference filter (float rounding)
 DRAW_BLOCK = 1 << 20  # logits per block of rows of the CPU draw: 4 MB of fp32 (16 rows of 64,000), in cache
-SAMPLE = 2048  # logits per row sampled (in runs of PIECE neighbours) to bracket the k-th largest
-PIECE = 64
+SAMPLE = 2048  # logits per row sampled to bracket the k-th largest
 FLOOR = -3.0e38  # below every finite logit, and finite itself (x - FLOOR is never inf - inf)
 CHUNK = 256  # entries per chunk of the two-level inverse-CDF draw
-CANDIDATES = 2  # draws per row in the first round (most rows then need no second round)
+CANDIDATES = 4  # draws per row and round (most rows then need no second round)
 BAND_MASS = 0.25  # narrow a top-k bracket until at most this share of the proposal lies outside the top k
+FULL_PROPOSAL = 0.25  # propose from all weights (no pass to cut them) where the drop cut keeps at least this share
+EXACT_ONE_BY_ONE = 8  # undecided draws decided one by one on views of their rows (more: in one batch)
+FULL_CANDIDATES = 12  # draws per row and round from all weights (a third or more of them is kept)
 
 
 def _reference_kept(x: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -131,6 +133,30 @@ def _count_mass(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, buf: torch.Te
     return count, ind.mul_(w).sum(-1, keepdim=True)
 
 
+def counts_masses(x: torch.Tensor, w2: torch.Tensor, t: torch.Tensor, buf: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(#(x > t), mass of w above t) [n, q] each, at q thresholds per row t [n, q], in one pass over x [n, V]:
+    the indicators [n, q, V] times ``w2`` [n, 2, V] (a row of ones and the row of weights) transposed, one
+    batched matmul (no product is written out). ``buf``: float scratch of at least n * q * V."""
+    n, q = t.shape
+    ind = torch.gt(x[:, None], t[..., None], out=buf.view(-1)[: n * q * x.shape[1]].view(n, q, -1))  # [n, q, V]
+    cz = torch.bmm(ind, w2.transpose(1, 2))  # [n, q, 2]
+    return cz[..., 0], cz[..., 1]
+
+
+def weights(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """[n, 2, V]: ones, and exp(x - m) (the softmax times its normaliser: every test of the draw is on ratios),
+    in a per-thread scratch whose row of ones is filled once per shape."""
+    n, V = x.shape
+    w2 = _scratch("w2", 2 * n, V).view(n, 2, V)
+    tag = _WORK.__dict__.get("w2_ones")
+    if tag != (n, V, w2.data_ptr()):
+        w2[:, 0] = 1
+        _WORK.w2_ones = (n, V, w2.data_ptr())
+    torch.sub(x, m, out=w2[:, 1]).exp_()
+    return w2
+
+
 @dataclass
 class Bracket:
     """Per row [n, 1]: thresholds ``lo <= hi`` around the k-th largest logit, with c(lo) >= k >= c(hi) where
@@ -172,48 +198,87 @@ class Bracket:
         return torch.where(fa == 0, self.z_lo, zl), torch.where(fa == 0, self.z_lo, zh)
 
 
-def top_k_bracket(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor, wmax: torch.Tensor, k: int, buf: torch.Tensor,
-                  wl: torch.Tensor | None = None) -> tuple[Bracket, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A :class:`Bracket` of the k-th largest logit of each row of x [n, V] (softmax w; ``m``: each row's largest
-    logit, finite, ``wmax`` its mass; k < V), from a sample of about :data:`SAMPLE` logits and two counting
-    passes, narrowed (:func:`narrow`) only where more than :data:`BAND_MASS` of the mass above ``lo`` may lie
-    outside the top k. ``wl`` [n, V]: receives w where x > lo (the draw's proposal). -> (bracket, bounds zl,
-    zh [n, 1] of the top-k mass, ok [n]: False where fewer than k logits are finite, so the k-th is -inf)."""
-    n, V = x.shape
-    pieces = V // PIECE
-    if pieces >= 2 * SAMPLE // PIECE:  # runs of PIECE neighbours spread over the row: few cache lines to read
-        xs = x[:, : pieces * PIECE].view(n, pieces, PIECE)[:, :: pieces * PIECE // SAMPLE].reshape(n, -1)
-    else:
-        xs = x
-    s = xs.shape[1]
+def sample_step(V: int) -> int:
+    """The stride of :func:`strided_sample` in a row of V logits: odd, so that the sampled ids run through every
+    residue of every power of two (a vocabulary's ids often carry structure in their bits: an LFQ code's id is
+    its bits), and 1 for a row shorter than 2 * :data:`SAMPLE`."""
+    step = V // SAMPLE if V >= 2 * SAMPLE else 1
+    return step if step % 2 else step - 1
+
+
+def strided_sample(x: torch.Tensor) -> torch.Tensor:
+    """About :data:`SAMPLE` logits of each row of x [n, V], every :func:`sample_step`-th -> [n, s] (the whole
+    row when it is short). Runs of neighbouring ids are not used: they share their high bits, and on the
+    benchmark's vocabulary they biased the sampled ranks by two thirds of a standard deviation."""
+    step = sample_step(x.shape[1])
+    return x if step == 1 else x[:, ::step]  # [n, s]
+
+
+def sample_ranks(k: int, s: int, V: int) -> tuple[int, int]:
+    """Ranks (0-based, from the top) in a sample of s of V logits that bracket the k-th largest logit of the row:
+    the expected sample rank of the k-th, less and plus 2.5 binomial standard deviations."""
     r, d = k * s / V, 2.5 * math.sqrt(s * (k / V) * (1 - k / V)) + 1  # expected sample rank (from the top), margin
-    j_hi, j_lo = min(s - 1, max(0, int(r - d))), min(s - 1, max(0, math.ceil(r + d)))  # ranks from the top
-    top = xs.topk(j_lo + 1, -1, sorted=False).values  # [n, j_lo + 1] the sample's largest (unsorted: cheaper)
-    lo = top.amin(-1, keepdim=True).clamp(min=FLOOR)  # [n, 1] the (j_lo + 1)-th largest
-    hi = top.kthvalue(j_lo + 1 - j_hi, -1, keepdim=True).values.clamp(min=FLOOR)  # [n, 1] the (j_hi + 1)-th
+    return min(s - 1, max(0, int(r - d))), min(s - 1, max(0, math.ceil(r + d)))
+
+
+def top_k_bracket(x: torch.Tensor, w2: torch.Tensor, m: torch.Tensor, wmax: torch.Tensor, k: int, buf: torch.Tensor,
+                  top: torch.Tensor | None = None) -> tuple[Bracket, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A :class:`Bracket` of the k-th largest logit of each row of x [n, V] (``w2`` [n, 2, V]: ones and the
+    weights, see :func:`weights`; ``m``: each row's largest logit, finite, ``wmax`` its weight; k < V), from a
+    sample of about :data:`SAMPLE` logits and one pass counting both ends (:func:`counts_masses`; ``buf``:
+    scratch of 2 n V floats); rows where the sample missed the k-th place are moved (:func:`_rebracket`), and
+    narrowed (:func:`narrow`) where more than :data:`BAND_MASS` of the mass above ``lo`` may lie outside the top
+    k. ``top``: the sample's largest values, sorted descending, at least as many as :func:`sample_ranks`
+    reaches (None: taken here). -> (bracket, bounds zl, zh [n, 1] of the top-k mass, ok [n]: False where fewer
+    than k logits are finite, so the k-th is -inf)."""
+    n, V = x.shape
+    w = w2[:, 1]  # [n, V]
+    j_hi, j_lo = sample_ranks(k, -(-V // sample_step(V)), V)
+    if top is None:
+        top = strided_sample(x).topk(j_lo + 1, -1).values  # [n, j_lo + 1] the sample's largest, sorted descending
+    lo = top[:, j_lo:j_lo + 1].clamp(min=FLOOR)  # [n, 1] the (j_lo + 1)-th largest
+    hi = top[:, j_hi:j_hi + 1].clamp(min=FLOOR)  # [n, 1] the (j_hi + 1)-th
     hi = torch.where(lo < hi, hi, m)  # a sample of tied values: start from the row's maximum
-    c_hi, z_hi = _count_mass(x, w, hi, buf)
-    miss = c_hi > k  # the sample missed: nothing lies above the row's maximum
-    if bool(miss.any()):
-        hi, z_hi, c_hi = torch.where(miss, m, hi), torch.where(miss, 0.0, z_hi), torch.where(miss, 0.0, c_hi)
     lo = torch.where(lo < hi, lo, FLOOR)
-    out = buf if wl is None else wl
-    c_lo, z_lo = _count_mass(x, w, lo, out)
-    low = c_lo < k  # the sample missed: just below the row's smallest logit (FLOOR if that is -inf)
-    if bool(low.any()):
-        mn = x.amin(-1, keepdim=True)
-        lo = torch.where(low, torch.nextafter(mn, torch.full_like(mn, -math.inf)).clamp(min=FLOOR), lo)
-        c_lo, z_lo = _count_mass(x, w, lo, out)
-    br = Bracket(lo, hi, c_lo, c_hi, z_lo, z_hi).settle(k)
+    c, z = counts_masses(x, w2, torch.cat([hi, lo], 1), buf)  # [n, 2] each
+    br = Bracket(lo, hi, c[:, 1:], c[:, :1], z[:, 1:], z[:, :1])
+    miss = ((br.c_hi > k) | (br.c_lo < k))[:, 0]  # the sample missed the k-th place in these rows
+    if bool(miss.any()):
+        rows = miss.nonzero()[:, 0]
+        br.put(rows, _rebracket(x[rows], w[rows], m[rows], k, br.rows(rows), top[rows, max(0, 2 * j_hi - j_lo)]))
+    br = br.settle(k)
     zl, zh = br.mass_bounds(k, m, wmax)
     wide = (br.z_lo - zl) > BAND_MASS * br.z_lo
     if bool(wide.any()):
         rows = wide[:, 0].nonzero()[:, 0]
-        br.put(rows, narrow(x[rows], w[rows], m[rows], k, br.rows(rows), buf[: len(rows)], exact=False))
+        br.put(rows, narrow(x[rows], w[rows], m[rows], k, br.rows(rows), torch.empty(len(rows), V), exact=False))
         zl, zh = br.mass_bounds(k, m, wmax)
-        if wl is not None:  # lo moved after the pass that wrote wl
-            torch.mul(_above(x, br.lo, buf), w, out=wl)
     return br, zl, zh, br.c_lo[:, 0] >= k
+
+
+def _rebracket(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor, k: int, br: Bracket, far: torch.Tensor) -> Bracket:
+    """Rows of x [r, V] whose sampled bracket missed the k-th place: a hi with c(hi) > k becomes the lo, and the
+    next hi is ``far`` [r] (a larger sample value), then the row's maximum; a lo with c(lo) < k becomes the hi,
+    and the next lo lies just below the row's smallest logit. Each move is one pass over these rows only."""
+    lo, hi, c_lo, c_hi, z_lo, z_hi = (getattr(br, f).clone() for f in Bracket.FIELDS)
+    buf = torch.empty_like(x)
+    up = c_hi > k  # [r, 1] hi lies below the k-th place
+    if bool(up.any()):
+        lo, c_lo, z_lo = torch.where(up, hi, lo), torch.where(up, c_hi, c_lo), torch.where(up, z_hi, z_lo)
+        hi = torch.where(up, torch.maximum(far[:, None], lo), hi)
+        c, z = _count_mass(x, w, hi, buf)
+        c_hi, z_hi = torch.where(up, c, c_hi), torch.where(up, z, z_hi)
+        up = c_hi > k  # missed again: the maximum (nothing above it)
+        lo, c_lo, z_lo = torch.where(up, hi, lo), torch.where(up, c_hi, c_lo), torch.where(up, z_hi, z_lo)
+        hi, c_hi, z_hi = torch.where(up, m, hi), torch.where(up, 0.0, c_hi), torch.where(up, 0.0, z_hi)
+    dn = c_lo < k  # [r, 1] lo lies above the k-th place
+    if bool(dn.any()):
+        hi, c_hi, z_hi = torch.where(dn, lo, hi), torch.where(dn, c_lo, c_hi), torch.where(dn, z_lo, z_hi)
+        mn = x.amin(-1, keepdim=True)
+        lo = torch.where(dn, torch.nextafter(mn, torch.full_like(mn, -math.inf)).clamp(min=FLOOR), lo)
+        c, z = _count_mass(x, w, lo, buf)
+        c_lo, z_lo = torch.where(dn, c, c_lo), torch.where(dn, z, z_lo)
+    return Bracket(lo, hi, c_lo, c_hi, z_lo, z_hi)
 
 
 def narrow(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor, k: int, br: Bracket, buf: torch.Tensor,
@@ -245,6 +310,23 @@ def narrow(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor, k: int, br: Bracke
         gb = torch.where(dn, c - kf, torch.where(up & (moved > 0), gb * 0.5, gb))
         moved = torch.where(up, 1.0, torch.where(dn, -1.0, moved))
     return Bracket(lo, hi, c_lo, c_hi, z_lo, z_hi).settle(k)
+
+
+def exact_top_k(x: torch.Tensor, w: torch.Tensor, k: int, br: Bracket) -> Bracket:
+    """The bracket of each row of x [n, V] (weights w) made exact: the k-th largest logit is found among the
+    c(lo) - c(hi) logits of the band (lo, hi] (``torch.topk`` of the band alone), then counted on both sides:
+    c(lo) == k afterwards, unless a tie straddles the k-th place (the band is then that one value). One row at a
+    time: this is for the few rows whose draws the bracket's mass bounds leave undecided."""
+    rows = []
+    for r in range(x.shape[0]):
+        xr = x[r]
+        band = xr[(xr > br.lo[r]) & (xr <= br.hi[r])]  # [b] the band's logits
+        kth = band.topk(int(k - br.c_hi[r, 0])).values.amin()  # the k-th largest of the row
+        t = torch.stack([torch.nextafter(kth, torch.tensor(-math.inf)), kth])[None]  # [1, 2] just below it, it
+        ind = torch.gt(xr[None, None], t[..., None])  # [1, 2, V]
+        c, z = ind.sum(-1).float(), (ind * w[r]).sum(-1)  # [1, 2]
+        rows.append(Bracket(t[:, :1], t[:, 1:], c[:, :1], c[:, 1:], z[:, :1], z[:, 1:]).settle(k))
+    return Bracket(*(torch.cat([getattr(b, f) for b in rows]) for f in Bracket.FIELDS))
 
 
 def standing(x: torch.Tensor, w: torch.Tensor, i: torch.Tensor, buf: torch.Tensor | None = None):
@@ -282,15 +364,20 @@ def _draw_filtered(x: torch.Tensor, top_k: int | None, top_p: float | None,
     :func:`filter_logits`, without sorting or selecting the top k: rejection sampling, in blocks of about
     :data:`DRAW_BLOCK` logits.
 
-    Per block: the softmax w over the vocabulary, and a bracket ``lo < hi`` of the k-th largest logit
-    (:func:`top_k_bracket`: a strided sample and two counting passes), which bounds the top-k mass. The
-    proposal is w restricted to x > lo, a superset of the top-k set (:func:`_inverse_cdf`). One pass over the
-    row gives a draw's standing: how many ids are larger, how many tie with it, and their mass. That decides
-    top-k membership exactly; the nucleus (:func:`nucleus_decision`) is decided on the mass bounds, and where
-    they leave it open the row's bracket is narrowed until the top-k set is exact (:func:`narrow`); a tie
-    across the k-th place or the nucleus threshold, or a mass within ``TOP_P_MARGIN`` of it, asks the
-    reference filter of that row. Accepted draws follow the proposal restricted to the kept set, i.e. exactly
-    the filtered softmax; rejections redraw.
+    Per block: the weights w = exp(x - max) (the softmax times its normaliser), a sample of about
+    :data:`SAMPLE` logits per row (:func:`strided_sample`), and two counting passes, each at two thresholds per
+    row (:func:`counts_masses`: the ids above and their weight, exactly). The first brackets the k-th largest
+    logit (:func:`top_k_bracket`), which bounds the top-k weight; with a nucleus, the second counts two
+    thresholds placed from the sample either side of the nucleus edge (:func:`nucleus_marks`). From the four,
+    :func:`sure_cuts` gives each row a keep cut (every id above it is kept) and a drop cut (no id at or below
+    it is). The proposal is w itself (:func:`_inverse_cdf`), or w above the drop cut where less than
+    :data:`FULL_PROPOSAL` of w lies above it; a draw above the keep cut is accepted and one at or below the drop
+    cut rejected without further work. A draw between the two takes one pass over its row for its standing
+    (:meth:`_Draw.keeps`: how many ids are larger, how many tie with it, and their weight): that decides top-k
+    membership exactly, and the nucleus (:func:`nucleus_decision`) on the top-k weight's bounds, made exact for
+    that row (:func:`exact_top_k`) where they leave it open; a tie across the k-th place or the nucleus
+    threshold, or a weight within ``TOP_P_MARGIN`` of it, asks the reference filter of that row. Accepted
+    draws follow the proposal restricted to the kept set, i.e. exactly the filtered softmax; rejections redraw.
     """
     R, V = x.shape
     rows = max(1, DRAW_BLOCK // V)
@@ -298,6 +385,185 @@ def _draw_filtered(x: torch.Tensor, top_k: int | None, top_p: float | None,
     for a in range(0, R, rows):
         out[a:a + rows] = _draw_block(x[a:a + rows], top_k, top_p, generator, max_rounds)
     return out
+
+
+def nucleus_marks(top: torch.Tensor, m: torch.Tensor, wmax: torch.Tensor, scale: float, anchor: torch.Tensor,
+                  z_anchor: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Two thresholds per row [n, 2] (higher, lower) around the logit where the softmax mass above reaches
+    ``target`` [n, 1] (the nucleus edge): from the sample's largest values ``top`` [n, J] (sorted descending;
+    each stands for ``scale`` ids of the row) and one exact point, the mass ``z_anchor`` above ``anchor`` [n, 1].
+    The mass above each sample value is estimated from the anchor plus the sample's mass in between; the two
+    thresholds lie 3 standard deviations of the sample count (and 2 values) either side of the crossing.
+    +inf (higher) or -inf (lower) where the sample has no value that far: no threshold on that side."""
+    J = top.shape[1]
+    e = torch.exp(top - m) * (wmax * scale)  # [n, J] the mass each sample value stands for
+    cum = torch.cat([torch.zeros_like(m), e.cumsum(-1)], 1)  # [n, J + 1] sample mass above top[j] (strictly)
+    a = (top > anchor).sum(-1, keepdim=True)  # [n, 1] sample values above the anchor
+    est = z_anchor + cum[:, :J] - cum.gather(-1, a)  # [n, J] estimated mass above each sample value
+    j = (est <= target).sum(-1, keepdim=True)  # [n, 1] the crossing: est(top[j - 1]) <= target < est(top[j])
+    d = (3 * ((j - a).abs() + 1).double().sqrt()).ceil().long() + 2  # [n, 1] margin in sample values
+    hi_j, lo_j = j - 1 - d, j + d
+    hi = torch.where(hi_j >= 0, top.gather(-1, hi_j.clamp(0, J - 1)), math.inf)
+    lo = torch.where(lo_j < J, top.gather(-1, lo_j.clamp(0, J - 1)), -math.inf)
+    return torch.cat([hi, lo], 1)  # [n, 2]
+
+
+def sure_cuts(t: torch.Tensor, c: torch.Tensor, z: torch.Tensor, k: float, zl: torch.Tensor, zh: torch.Tensor,
+              top_p: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From thresholds t [n, q] with their exact counts c and masses z above: (keep, drop, z_drop) [n, 1], so
+    that every id with a logit > keep is in the kept set and every id with a logit <= drop is not (``[zl, zh]``:
+    bounds of the top-k mass; k: the top-k size, V when unlimited); z_drop is the mass above drop (NaN where
+    there is no drop). Above a t with c(t) <= k every id is in the top k (with its ties); at or below a t with
+    c(t) >= k none is; above a t with z(t) <= (top_p - margin) * zl the mass before any id is within the
+    nucleus; at or below a t with z(t) > (top_p + margin) * zh it is past it (the rules of
+    :func:`nucleus_decision`). keep +inf / drop -inf: no such threshold."""
+    keep_ok, drop_ok = c <= k, c >= k
+    if top_p is not None:
+        zd = z.double()
+        keep_ok = keep_ok & (zd <= (top_p - TOP_P_MARGIN) * zl.double())
+        drop_ok = drop_ok | (zd > (top_p + TOP_P_MARGIN) * zh.double())
+    keep = torch.where(keep_ok, t, math.inf).amin(-1, keepdim=True)
+    drop, at = torch.where(drop_ok, t, -math.inf).max(-1, keepdim=True)
+    return keep, drop, torch.where(torch.isfinite(drop), z.gather(-1, at), math.nan)
+
+
+@dataclass
+class _Draw:
+    """What the exact decision of a draw needs about one block of rows (see :func:`_draw_block`)."""
+
+    x: torch.Tensor  # [n, V] logits
+    w: torch.Tensor  # [n, V] softmax
+    m: torch.Tensor  # [n, 1] largest logit
+    wmax: torch.Tensor  # [n, 1] its mass
+    top_k: int | None  # None: no top-k
+    top_p: float | None  # None: no nucleus
+    br: Bracket | None  # the top-k bracket (None without top-k)
+    zl: torch.Tensor  # [n, 1] bounds of the top-k mass
+    zh: torch.Tensor
+    kept_ref: dict  # row -> the reference filter's kept ids (asked for ties and masses at the threshold)
+
+    def exact(self, rows: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Exact keep [p] (bool) of the ids i [p] drawn in rows [p] (a row may repeat): one by one on views of
+        the rows (:meth:`keeps`) when they are few, else in one batch (:meth:`keeps_all`)."""
+        if len(rows) > EXACT_ONE_BY_ONE:
+            return self.keeps_all(rows, i)
+        return torch.tensor([self.keeps(r, j) for r, j in zip(rows.tolist(), i.tolist())], dtype=torch.bool)
+
+    def keeps_all(self, rows: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """:meth:`keeps` of many draws at once: ids i [p] of rows [p] -> [p] (bool); the rows are copied."""
+        kf = float(self.top_k) if self.top_k is not None else float(self.x.shape[1])
+        x, w, i = self.x[rows], self.w[rows], i[:, None]  # [p, V], [p, V], [p, 1]
+        gt, tied, above = standing(x, w, i, _scratch("cand", i.numel(), x.shape[1]).view(*i.shape, -1))
+        in_k = gt + tied <= kf  # every id tied with it is in the top k
+        keep, unsure = in_k, ~in_k & (gt < kf)  # a tie across the k-th place: the reference decides
+        if self.top_p is not None:
+            wi = w.gather(-1, i)  # [p, 1]
+            keep_p, unsure_p = nucleus_decision(above, tied, wi, self.zl[rows], self.zh[rows], self.top_p)
+            loose = (in_k & unsure_p & (self.zl[rows] < self.zh[rows]))[:, 0]  # [p]
+            if self.br is not None and bool(loose.any()):  # the bounds leave it open: the exact top-k set
+                rr = rows[loose].unique()
+                self.br.put(rr, exact_top_k(self.x[rr], self.w[rr], self.top_k, self.br.rows(rr)))
+                self.zl, self.zh = self.br.mass_bounds(self.top_k, self.m, self.wmax)
+                keep_p, unsure_p = nucleus_decision(above, tied, wi, self.zl[rows], self.zh[rows], self.top_p)
+            unsure = unsure | (in_k & unsure_p)
+            keep = in_k & keep_p
+        keep = keep[:, 0]
+        for j in unsure[:, 0].nonzero()[:, 0].tolist():  # rare: ask the reference filter of that row
+            keep[j] = self.reference(int(rows[j]), int(i[j, 0]))
+        return keep
+
+    def keeps(self, r: int, j: int) -> bool:
+        """Is id j of row r in the kept set? One pass over the row (a view: no copy) for the id's standing;
+        where the mass bounds leave the nucleus open, the row's bracket is made exact (:func:`exact_top_k`);
+        a tie across the k-th place or the nucleus threshold, or a mass within TOP_P_MARGIN of it, asks the
+        reference filter of the row."""
+        V = self.x.shape[1]
+        kf = float(self.top_k) if self.top_k is not None else float(V)
+        x, w, i = self.x[r:r + 1], self.w[r:r + 1], torch.tensor([[j]])  # [1, V], [1, V], [1, 1]
+        gt, tied, above = standing(x, w, i, _scratch("cand", 1, V).view(1, 1, V))  # [1, 1] each
+        if not bool(gt + tied <= kf):  # not every id tied with it is in the top k
+            return self.reference(r, j) if bool(gt < kf) else False  # a tie across the k-th place: the reference
+        if self.top_p is None:
+            return True
+        keep, unsure = nucleus_decision(above, tied, w[:, j:j + 1], self.zl[r:r + 1], self.zh[r:r + 1], self.top_p)
+        if bool(unsure) and self.br is not None and bool(self.zl[r] < self.zh[r]):  # the exact top-k mass
+            rr = torch.tensor([r])
+            self.br.put(rr, exact_top_k(self.x[rr], self.w[rr], self.top_k, self.br.rows(rr)))
+            self.zl, self.zh = self.br.mass_bounds(self.top_k, self.m, self.wmax)
+            keep, unsure = nucleus_decision(above, tied, w[:, j:j + 1], self.zl[r:r + 1], self.zh[r:r + 1],
+                                            self.top_p)
+        return self.reference(r, j) if bool(unsure) else bool(keep)
+
+    def reference(self, r: int, j: int) -> bool:
+        """The reference filter's word on id j of row r (rare: ties and masses at the threshold)."""
+        if r not in self.kept_ref:
+            self.kept_ref[r] = _reference_kept(self.x[r:r + 1], self.top_k, self.top_p)[0]
+        return bool(self.kept_ref[r][j])
+
+
+def _chunked(w: torch.Tensor) -> torch.Tensor | None:
+    """w [n, V] (rows contiguous) viewed as [n, V / CHUNK, CHUNK] without a copy; None when V is not a multiple of
+    CHUNK or the rows are not laid out for it."""
+    n, V = w.shape
+    if V % CHUNK or w.stride(1) != 1:
+        return None
+    return w.view(n, V // CHUNK, CHUNK)
+
+
+@dataclass
+class Cuts:
+    """What :func:`filter_cuts` finds for a block of rows [n, 1] each: every id with a logit > ``keep`` is in the
+    kept set, every id with a logit <= ``drop`` is not (+inf / -inf: no such cut); ``z_drop``: the weight above
+    ``drop``; ``total``: the row's weight; ``[zl, zh]``: bounds of the top-k weight; ``br``: the top-k bracket
+    (None without a top k)."""
+
+    keep: torch.Tensor
+    drop: torch.Tensor
+    z_drop: torch.Tensor
+    total: torch.Tensor
+    zl: torch.Tensor
+    zh: torch.Tensor
+    br: Bracket | None
+
+
+def filter_cuts(x: torch.Tensor, w2: torch.Tensor, m: torch.Tensor, top_k: int | None, top_p: float | None,
+                buf: torch.Tensor, total: torch.Tensor | None = None) -> Cuts | None:
+    """The :class:`Cuts` of the filter of :func:`filter_logits` on the rows of x [n, V] (``w2``: :func:`weights`;
+    ``m``: each row's largest logit, finite; ``buf``: scratch of 2 n V floats; ``total``: each row's weight, if
+    known): the top-k bracket (:func:`top_k_bracket`: one pass at two thresholds) and, with a nucleus, two
+    thresholds around its edge placed from the sample (:func:`nucleus_marks`) and counted in a second pass;
+    :func:`sure_cuts` turns the four into the cuts. None where a row has fewer than top_k finite logits."""
+    n, V = x.shape
+    wmax = torch.ones_like(m)  # the largest weight, exp(0)
+    total = w2[:, 1].sum(-1, keepdim=True) if total is None else total  # [n, 1]
+    limited = top_k is not None and top_k < V
+    nucleus = top_p is not None and top_p < 1.0
+    xs = strided_sample(x)  # [n, s]
+    s = xs.shape[1]
+    marks: list[tuple[torch.Tensor, ...]] = []  # (t, c, z) [n, 1] each: thresholds counted exactly
+    br = None
+    if limited:
+        top = xs.topk(sample_ranks(top_k, s, V)[1] + 1, -1).values if nucleus else None  # [n, J] sorted
+        br, zl, zh, ok = top_k_bracket(x, w2, m, wmax, top_k, buf, top)
+        if not bool(ok.all()):  # -inf at the k-th place
+            return None
+        marks += [(br.hi, br.c_hi, br.z_hi), (br.lo, br.c_lo, br.z_lo)]
+        anchor, z_anchor = br.hi, br.z_hi
+    else:
+        zl = zh = total.double()
+        top = xs.sort(-1, descending=True).values if nucleus else None  # [n, s]
+        anchor, z_anchor = m, torch.zeros_like(m)  # nothing lies above the maximum
+    if nucleus:  # two thresholds around the nucleus edge, counted in one pass: every draw above the upper one is
+        # kept, every draw at or below the lower one dropped, without a pass of its own
+        t = nucleus_marks(top, m, wmax, V / s, anchor, z_anchor, (top_p * 0.5 * (zl + zh)).float())  # [n, 2]
+        t = torch.where(torch.isfinite(t), t, m)  # no sample value that far: a mark at the maximum
+        c, z = counts_masses(x, w2, t, buf)
+        marks += [(t[:, :1], c[:, :1], z[:, :1]), (t[:, 1:], c[:, 1:], z[:, 1:])]
+    if not marks:  # nothing to filter
+        return Cuts(torch.full_like(m, -math.inf), torch.full_like(m, -math.inf), total, total, zl, zh, br)
+    kf = float(top_k) if limited else float(V)
+    keep, drop, z_drop = sure_cuts(*(torch.cat(a, 1) for a in zip(*marks)), kf, zl, zh, top_p if nucleus else None)
+    return Cuts(keep, drop, torch.where(z_drop.isnan(), total, z_drop), total, zl, zh, br)
 
 
 def _draw_block(x: torch.Tensor, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
@@ -308,58 +574,46 @@ def _draw_block(x: torch.Tensor, top_k: int | None, top_p: float | None, generat
     if not bool(torch.isfinite(m).all()):  # NaN, +inf, or nothing but -inf: the reference
         return _reference_sample(x, top_k, top_p, generator)
     x = x.contiguous()
-    buf = _scratch("buf", n, V)
-    w = torch.softmax(x, dim=-1, out=_scratch("w", n, V))  # [n, V]
-    wmax = w.amax(-1, keepdim=True)  # [n, 1] 1 / Z
-    Vp = -(-V // CHUNK) * CHUNK
-    wl = _scratch("wl", n, Vp)  # [n, Vp] the proposal's weights, zero-padded to whole chunks
-    wl[:, V:] = 0
-    limited = top_k is not None and top_k < V
-    if limited:
-        br, zl, zh, ok = top_k_bracket(x, w, m, wmax, top_k, buf, wl[:, :V])  # and wl: w where x > lo
-        if not bool(ok.all()):  # -inf at the k-th place: the reference
-            return _reference_sample(x, top_k, top_p, generator)
+    w2 = weights(x, m)  # [n, 2, V] ones, and the weights
+    w = w2[:, 1]  # [n, V]
+    full_w = _chunked(w)  # [n, nc, C] the unfiltered weights, as a proposal (None: not laid out for it)
+    cw = full_w.sum(-1) if full_w is not None else None  # [n, nc] their chunk sums
+    cut = filter_cuts(x, w2, m, top_k, top_p, _scratch("buf", 2 * n, V), None if cw is None else cw.sum(-1, keepdim=True))
+    if cut is None:  # -inf at the k-th place: the reference
+        return _reference_sample(x, top_k, top_p, generator)
+    # the proposal: all weights where at least FULL_PROPOSAL of them lie above the drop cut (which rejects the
+    # rest without a pass), else the weights above the cut
+    if full_w is not None and bool((cut.z_drop >= FULL_PROPOSAL * cut.total).all()):
+        ws, c_draw = full_w, FULL_CANDIDATES
     else:
-        wl[:, :V] = w
-        zl = zh = w.double().sum(-1, keepdim=True)
-    ws = wl.view(n, Vp // CHUNK, CHUNK)  # [n, nc, C]
-    cs = ws.sum(-1).double().cumsum_(-1)  # [n, nc]
-    kf = float(top_k) if limited else float(V)
-    nucleus = top_p is not None and top_p < 1.0
+        Vp = -(-V // CHUNK) * CHUNK
+        wl = _scratch("wl", n, Vp)  # [n, Vp] zero-padded to whole chunks
+        wl[:, V:] = 0
+        torch.gt(x, cut.drop, out=wl[:, :V]).mul_(w)
+        ws, c_draw = wl.view(n, Vp // CHUNK, CHUNK), CANDIDATES
+        cw = ws.sum(-1)
+    cs = cw.double().cumsum_(-1)  # [n, nc]
+    limited, nucleus = top_k is not None and top_k < V, top_p is not None and top_p < 1.0
+    d = _Draw(x, w, m, torch.ones_like(m), top_k if limited else None, top_p if nucleus else None, cut.br, cut.zl,
+              cut.zh, {})
     out = torch.empty(n, dtype=torch.long)
-    kept_ref: dict[int, torch.Tensor] = {}
-    todo, c = torch.arange(n), CANDIDATES
+    todo = torch.arange(n)
     for _ in range(max_rounds):
         if not todo.numel():
             break
         full = len(todo) == n
-        i = _inverse_cdf(ws, cs, None if full else todo, c, generator)  # [r, c] vocabulary ids
-        xt, wt = (x, w) if full else (x[todo], w[todo])  # [r, V]
-        gt, tied, above = standing(xt, wt, i, _scratch("cand", len(todo) * c, V).view(len(todo), c, V))
-        in_k = gt + tied <= kf  # every id tied with it is in the top k
-        keep, unsure = in_k, ~in_k & (gt < kf)  # a tie across the k-th place: the reference decides
-        if nucleus:
-            wi = wt.gather(-1, i)  # [r, c]
-            zlt, zht = (zl, zh) if full else (zl[todo], zh[todo])  # [r, 1]
-            keep_p, unsure_p = nucleus_decision(above, tied, wi, zlt, zht, top_p)
-            loose = (in_k & unsure_p & (zlt < zht)).any(-1)  # [r]
-            if limited and bool(loose.any()):  # the bounds leave it open: the top-k set of those rows, exactly
-                rows = todo[loose]
-                br.put(rows, narrow(x[rows], w[rows], m[rows], top_k, br.rows(rows), buf[: len(rows)], exact=True))
-                zl, zh = br.mass_bounds(top_k, m, wmax)
-                zlt, zht = (zl, zh) if full else (zl[todo], zh[todo])
-                keep_p, unsure_p = nucleus_decision(above, tied, wi, zlt, zht, top_p)
-            unsure = unsure | (in_k & unsure_p)
-            keep = in_k & keep_p
-        for r, j in unsure.nonzero().tolist():  # rare: ask the reference filter of that row
-            row = int(todo[r])
-            if row not in kept_ref:
-                kept_ref[row] = _reference_kept(x[row:row + 1], top_k, top_p)[0]
-            keep[r, j] = kept_ref[row][i[r, j]]
+        i = _inverse_cdf(ws, cs, None if full else todo, c_draw, generator)  # [r, c] vocabulary ids
+        v = x.gather(-1, i) if full else x[todo[:, None], i]  # [r, c] their logits
+        kt, dt = (cut.keep, cut.drop) if full else (cut.keep[todo], cut.drop[todo])
+        keep, drop = v > kt, v <= dt  # [r, c] decided by the cuts
+        open_ = ~keep & ~drop & (keep.cumsum(-1) == 0)  # undecided before the row's first certain keep
+        if bool(open_.any()):  # the exact decision of those draws
+            r, j = open_.nonzero().unbind(1)
+            keep[r, j] = d.exact(todo[r], i[r, j])
         done = keep.any(-1)  # [r]
         first = keep.to(torch.uint8).argmax(-1)  # [r] the first accepted draw: plain rejection sampling
         out[todo[done]] = i[done, first[done]]
-        todo, c = todo[~done], 1
+        todo = todo[~done]
     if todo.numel():  # rejected max_rounds times (a tiny nucleus): the reference draw, still exact
         out[todo] = _reference_sample(x[todo], top_k, top_p, generator)
     return out
