@@ -208,6 +208,19 @@ def test_nucleus_decision_agrees_with_the_reference_for_every_id(kind, top_p):
         assert unsure_total <= 2  # only ids within TOP_P_MARGIN of the threshold
 
 
+def _group_deviations(p, ids, groups):
+    """Ids sorted by reference probability p [V] (float64) fall into ``groups`` groups of about equal mass ->
+    (each group's reference mass q [groups], the deviation of the draws' share from it, in standard errors, for
+    the groups of positive mass)."""
+    n = ids.numel()
+    order = torch.sort(p, descending=True, stable=True).indices
+    group = torch.empty(p.numel(), dtype=torch.long)
+    group[order] = ((p[order].cumsum(0) - p[order]) * groups).long().clamp(max=groups - 1)
+    freq = torch.zeros(groups, dtype=torch.float64).index_add_(0, group[ids], torch.ones(n, dtype=torch.float64)) / n
+    q = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, p)
+    return q, (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]
+
+
 def _bracket_cases():
     g = torch.Generator().manual_seed(11)
     n, V = 6, 20000
@@ -298,12 +311,7 @@ def test_draws_with_an_approximate_bracket_follow_the_reference_distribution(kin
     p = _ref_probs(x, 1.0, f.get("top_k"), f.get("top_p")).double()
     ids = sample_logits(x.expand(n, V), generator=torch.Generator().manual_seed(0), **f)
     assert (p[ids] > 0).all()
-    order = torch.sort(p, descending=True, stable=True).indices
-    group = torch.empty(V, dtype=torch.long)
-    group[order] = ((p[order].cumsum(0) - p[order]) * 20).long().clamp(max=19)  # ~20 groups of equal mass
-    freq = torch.zeros(20, dtype=torch.float64).index_add_(0, group[ids], torch.ones(n, dtype=torch.float64)) / n
-    q = torch.zeros(20, dtype=torch.float64).index_add_(0, group, p)
-    z = (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]  # each group's deviation in standard errors
+    q, z = _group_deviations(p, ids, 20)
     assert (q > 0.01).sum() >= 3 and z.abs().max() < 4.5, z  # a chance |z| of 4.5 in 20 groups: odds below 1e-3
 
 
@@ -376,12 +384,7 @@ def test_draws_on_non_finite_logits_stay_exact(case):
     p = _ref_probs(x, 1.0, **f).double()
     ids = sample_logits(rows, generator=torch.Generator().manual_seed(0), **f)
     assert (p[ids] > 0).all() and torch.isfinite(x[ids]).all()
-    order = torch.sort(p, descending=True, stable=True).indices
-    group = torch.empty(V, dtype=torch.long)
-    group[order] = ((p[order].cumsum(0) - p[order]) * 10).long().clamp(max=9)
-    freq = torch.zeros(10, dtype=torch.float64).index_add_(0, group[ids], torch.ones(n, dtype=torch.float64)) / n
-    q = torch.zeros(10, dtype=torch.float64).index_add_(0, group, p)
-    z = (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]
+    _, z = _group_deviations(p, ids, 10)
     assert z.abs().max() < 4.5, z
 
 
@@ -465,10 +468,5 @@ def test_draws_proposed_from_all_weights_follow_the_reference_distribution(f):
     p = _ref_probs(x, 1.0, f.get("top_k"), f.get("top_p")).double()
     ids = sample_logits(x.expand(n, V), generator=torch.Generator().manual_seed(0), **f)
     assert (p[ids] > 0).all()
-    order = torch.sort(p, descending=True, stable=True).indices
-    group = torch.empty(V, dtype=torch.long)
-    group[order] = ((p[order].cumsum(0) - p[order]) * 20).long().clamp(max=19)
-    freq = torch.zeros(20, dtype=torch.float64).index_add_(0, group[ids], torch.ones(n, dtype=torch.float64)) / n
-    q = torch.zeros(20, dtype=torch.float64).index_add_(0, group, p)
-    z = (freq - q)[q > 0] / torch.sqrt(q * (1 - q) / n)[q > 0]
+    q, z = _group_deviations(p, ids, 20)
     assert (q > 0.01).sum() >= 10 and z.abs().max() < 4.5, z
