@@ -15,7 +15,7 @@ import sys
 
 from nbp import __version__, dag
 from nbp.config import DEFAULT_PARAMS, SCHEMA_PATH, Config, ConfigError, json_schema, load_config, read_yaml
-from nbp.errors import NbpError, NotBuiltError
+from nbp.errors import NbpError, NotBuiltError, say
 
 # utility -> (module with add_arguments(parser) and main(args) -> int, help)
 UTILITIES: dict[str, tuple[str, str]] = {
@@ -178,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except ConfigError as e:
-        print(f"nbp: error: {e}", file=sys.stderr)
+        say(f"nbp: error: {e}")
         return 2
     except NotBuiltError as e:
-        print(f"nbp: not built yet: {e}", file=sys.stderr)
+        say(f"nbp: not built yet: {e}")
         return 3
     except NbpError as e:
-        print(f"nbp: error: {e}", file=sys.stderr)
+        say(f"nbp: error: {e}")
         return 1
     except KeyboardInterrupt:
-        print("nbp: interrupted", file=sys.stderr)
+        say("nbp: interrupted")
         return 130
     except BrokenPipeError:
         return 1

@@ -7,3 +7,17 @@ class NbpError(RuntimeError):
 
 class NotBuiltError(NbpError):
     """A stage or command that is declared but not implemented yet; exit code 3."""
+
+
+def say(line: str, stream=None) -> None:
+    """``line`` and its newline in one write (stderr by default), then flushed.
+
+    Under ``PYTHONUNBUFFERED`` (clusters and CI set it) ``print`` writes the text and the newline separately, so the
+    lines of ranks that fail together interleave mid-line on the shared stderr; one write of a short line to a pipe is
+    atomic.
+    """
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()

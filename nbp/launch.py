@@ -22,6 +22,8 @@ import logging
 import signal
 import sys
 
+from nbp.errors import say
+
 # the agent's own two lines about a failed rank; the line below replaces them (the rank's error is printed by itself)
 _AGENT_FAILURE_LOGS = ("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", "Sending process %s closing signal %s")
 
@@ -103,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus = torch.cuda.device_count()
         fit = fit_to_gpus(args.nproc_per_node, gpus)
         if fit != args.nproc_per_node:
-            print(f"nbp: {what}: {args.nproc_per_node} processes per node asked, {gpus} GPU(s) here: running {fit}",
-                  file=sys.stderr, flush=True)
+            say(f"nbp: {what}: {args.nproc_per_node} processes per node asked, {gpus} GPU(s) here: running {fit}")
             args.nproc_per_node = fit
     world = _world(args)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropAgentFailureLogs())
@@ -115,23 +116,23 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(failure.exitcode)
         if failure.exitcode < 0:
             how = f"killed by {_signal_name(-failure.exitcode)}, exit code {code}"
-            print(f"nbp: {what} failed on rank {rank} of {world} ({how})", file=sys.stderr)
+            say(f"nbp: {what} failed on rank {rank} of {world} ({how})")
         else:
-            print(f"nbp: {what} failed on rank {rank} of {world} (exit code {code}); its error is above", file=sys.stderr)
+            say(f"nbp: {what} failed on rank {rank} of {world} (exit code {code}); its error is above")
         return code
     except SignalException as e:  # the launcher was sent a signal (Slurm's SIGTERM at the time limit); ranks stopped
         name = _signal_name(int(e.sigval))
-        print(f"nbp: {what} stopped: the launcher received {name} and stopped its ranks", file=sys.stderr)
+        say(f"nbp: {what} stopped: the launcher received {name} and stopped its ranks")
         return 128 + int(e.sigval)
     except RendezvousTimeoutError:
-        print(f"nbp: {what}: the rendezvous timed out before all {args.nnodes} node(s) joined "
-              f"(--rdzv_endpoint={args.rdzv_endpoint or '?'})", file=sys.stderr)
+        say(f"nbp: {what}: the rendezvous timed out before all {args.nnodes} node(s) joined "
+            f"(--rdzv_endpoint={args.rdzv_endpoint or '?'})")
         return 1
     except KeyboardInterrupt:
-        print(f"nbp: {what} interrupted", file=sys.stderr)
+        say(f"nbp: {what} interrupted")
         return 130
     except Exception as e:  # rendezvous timeout or error, a bad launcher setting found late
-        print(f"nbp: {what}: the launcher failed: {_first_line(e)}", file=sys.stderr)
+        say(f"nbp: {what}: the launcher failed: {_first_line(e)}")
         return 1
     return 0
 

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,33 @@ def test_launcher_errors_are_one_line(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stdout + res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith(f"nbp: {script}: the rendezvous timed out before all 2 node(s) "
                                                            "joined"), res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("writer, mangled", [("say(sys.argv[1] * 300)", False),
+                                             ("print(sys.argv[1] * 300, file=sys.stderr)", True)])
+def test_lines_of_ranks_sharing_stderr_never_interleave(tmp_path, writer, mangled):
+    """Ranks that fail together write their one line to the same stderr. Under PYTHONUNBUFFERED (CI and clusters set
+    it) ``print`` writes the text and the newline apart, and two ranks' lines merge into one (seen in CI: the failed
+    rank's line was no longer a line of the launcher's stderr). ``say`` writes each line whole. The ``print`` case
+    shows the test can see the defect it guards against: both writers start together (each waits for the other's
+    marker file) and write for 0.3 s."""
+    code = textwrap.dedent(f"""
+        import pathlib, sys, time
+        from nbp.errors import say
+        pathlib.Path(sys.argv[2], sys.argv[1]).touch()
+        while len(list(pathlib.Path(sys.argv[2]).iterdir())) < 2:
+            time.sleep(0.001)
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            {writer}
+        """)
+    read, write = os.pipe()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, ch, str(tmp_path)], stderr=write, env=env) for ch in "ab"]
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        lines = f.read().decode().splitlines()
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    assert {"a" * 300, "b" * 300} <= set(lines)
+    bad = sum(line not in ("a" * 300, "b" * 300) for line in lines)
+    assert (bad > 0) == mangled, (bad, len(lines))

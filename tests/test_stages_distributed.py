@@ -289,7 +289,7 @@ GATHER = textwrap.dedent("""
     import sys
     import numpy as np
     import torch
-    from nbp.distributed import gather_rows, init_distributed, sum_over_ranks
+    from nbp.distributed import cleanup_distributed, gather_rows, init_distributed, sum_over_ranks
 
     info = init_distributed(torch.device("cpu"))
     r = info.rank
@@ -300,6 +300,7 @@ GATHER = textwrap.dedent("""
     total = sum_over_ranks(np.array([r + 1, 2 * r], dtype=np.int64), info)
     if r == 0:
         np.savez(sys.argv[1], clips=got[0], codes=got[1], feats=got[2], total=total)
+    cleanup_distributed()  # as nbp's stages do at exit: a gloo group left open can abort the process at exit
 """)
 
 
