@@ -81,7 +81,6 @@ CHUNK = 256  # entries per chunk of the two-level inverse-CDF draw
 CANDIDATES = 4  # draws per row and round (most rows then need no second round)
 BAND_MASS = 0.25  # narrow a top-k bracket until at most this share of the proposal lies outside the top k
 FULL_PROPOSAL = 0.25  # propose from all weights (no pass to cut them) where the drop cut keeps at least this share
-EXACT_ONE_BY_ONE = 8  # undecided draws decided one by one on views of their rows (more: in one batch)
 FULL_CANDIDATES = 12  # draws per row and round from all weights (a third or more of them is kept)
 
 
@@ -442,15 +441,11 @@ class _Draw:
     zh: torch.Tensor
     kept_ref: dict  # row -> the reference filter's kept ids (asked for ties and masses at the threshold)
 
-    def exact(self, rows: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        """Exact keep [p] (bool) of the ids i [p] drawn in rows [p] (a row may repeat): one by one on views of
-        the rows (:meth:`keeps`) when they are few, else in one batch (:meth:`keeps_all`)."""
-        if len(rows) > EXACT_ONE_BY_ONE:
-            return self.keeps_all(rows, i)
-        return torch.tensor([self.keeps(r, j) for r, j in zip(rows.tolist(), i.tolist())], dtype=torch.bool)
-
-    def keeps_all(self, rows: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        """:meth:`keeps` of many draws at once: ids i [p] of rows [p] -> [p] (bool); the rows are copied."""
+    def keeps(self, rows: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Are the ids i [p] drawn in rows [p] (a row may repeat) in the kept set? -> [p] (bool). One pass over
+        each draw's row (copied) for the id's standing; where the mass bounds leave the nucleus open, the row's
+        bracket is made exact (:func:`exact_top_k`); a tie across the k-th place or the nucleus threshold, or a
+        mass within TOP_P_MARGIN of it, asks the reference filter of the row."""
         kf = float(self.top_k) if self.top_k is not None else float(self.x.shape[1])
         x, w, i = self.x[rows], self.w[rows], i[:, None]  # [p, V], [p, V], [p, 1]
         gt, tied, above = standing(x, w, i, _scratch("cand", i.numel(), x.shape[1]).view(*i.shape, -1))
@@ -471,28 +466,6 @@ class _Draw:
         for j in unsure[:, 0].nonzero()[:, 0].tolist():  # rare: ask the reference filter of that row
             keep[j] = self.reference(int(rows[j]), int(i[j, 0]))
         return keep
-
-    def keeps(self, r: int, j: int) -> bool:
-        """Is id j of row r in the kept set? One pass over the row (a view: no copy) for the id's standing;
-        where the mass bounds leave the nucleus open, the row's bracket is made exact (:func:`exact_top_k`);
-        a tie across the k-th place or the nucleus threshold, or a mass within TOP_P_MARGIN of it, asks the
-        reference filter of the row."""
-        V = self.x.shape[1]
-        kf = float(self.top_k) if self.top_k is not None else float(V)
-        x, w, i = self.x[r:r + 1], self.w[r:r + 1], torch.tensor([[j]])  # [1, V], [1, V], [1, 1]
-        gt, tied, above = standing(x, w, i, _scratch("cand", 1, V).view(1, 1, V))  # [1, 1] each
-        if not bool(gt + tied <= kf):  # not every id tied with it is in the top k
-            return self.reference(r, j) if bool(gt < kf) else False  # a tie across the k-th place: the reference
-        if self.top_p is None:
-            return True
-        keep, unsure = nucleus_decision(above, tied, w[:, j:j + 1], self.zl[r:r + 1], self.zh[r:r + 1], self.top_p)
-        if bool(unsure) and self.br is not None and bool(self.zl[r] < self.zh[r]):  # the exact top-k mass
-            rr = torch.tensor([r])
-            self.br.put(rr, exact_top_k(self.x[rr], self.w[rr], self.top_k, self.br.rows(rr)))
-            self.zl, self.zh = self.br.mass_bounds(self.top_k, self.m, self.wmax)
-            keep, unsure = nucleus_decision(above, tied, w[:, j:j + 1], self.zl[r:r + 1], self.zh[r:r + 1],
-                                            self.top_p)
-        return self.reference(r, j) if bool(unsure) else bool(keep)
 
     def reference(self, r: int, j: int) -> bool:
         """The reference filter's word on id j of row r (rare: ties and masses at the threshold)."""
@@ -609,7 +582,7 @@ def _draw_block(x: torch.Tensor, top_k: int | None, top_p: float | None, generat
         open_ = ~keep & ~drop & (keep.cumsum(-1) == 0)  # undecided before the row's first certain keep
         if bool(open_.any()):  # the exact decision of those draws
             r, j = open_.nonzero().unbind(1)
-            keep[r, j] = d.exact(todo[r], i[r, j])
+            keep[r, j] = d.keeps(todo[r], i[r, j])
         done = keep.any(-1)  # [r]
         first = keep.to(torch.uint8).argmax(-1)  # [r] the first accepted draw: plain rejection sampling
         out[todo[done]] = i[done, first[done]]
