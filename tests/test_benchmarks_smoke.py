@@ -46,6 +46,19 @@ def test_sampling_speed_tiny(tmp_path):
     assert ("One-row linears (every NTP step)" in body) == both
 
 
+def test_filter_cost_tiny(tmp_path):
+    md = tmp_path / "speed.md"
+    out = _run("filter_cost.py", "--tiny", "--repeats", "1", "--threads", "1", "--md", str(md))
+    assert "load average before" in out
+    body = _section(md, "filter_cost_cpu")
+    rows = re.findall(r"^\| ([^|]+) \| (-?[0-9.]+) \(", body, re.M)  # (label, median ms) of every timed row
+    labels = [label for label, _ in rows]
+    assert labels[:4] == ["greedy generation", "sampled generation", "whole draw", "whole draw, one thread"], labels
+    assert sum(label.startswith("counting pass, ") for label in labels) == 4 and len(rows) == 16, labels
+    assert "4 steps of 4 x 20,480 logits" in body  # grid 3x4x4, 2 context frames, blocks of 4: the draws it timed
+    assert re.search(r"Sampled / greedy generation, paired per repeat: [0-9.]+ \(", body)
+
+
 def test_gpu_decode_tiny_on_cpu(tmp_path):
     md = tmp_path / "speed.md"
     _run("gpu_decode.py", "--tiny", "--device", "cpu", "--batch", "1", "--md", str(md))
