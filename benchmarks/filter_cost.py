@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sampling_speed import frame_task  # noqa: E402
+from sampling_speed import frame_task, model_args  # noqa: E402
 
 from nbp.generator import sampling as S  # noqa: E402
 from nbp.generator.model import GPT, GPTConfig  # noqa: E402
@@ -119,13 +119,7 @@ def fmt(xs: list[float]) -> str:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=512)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=64000)
-    p.add_argument("--grid", type=int, nargs=3, default=[5, 16, 16])
-    p.add_argument("--block", type=int, default=16, help="NBP block: 1x1xBLOCK")
-    p.add_argument("--context-frames", type=int, default=2)
+    model_args(p)
     p.add_argument("--top-k", type=int, default=16000)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repeats", type=int, default=7)

@@ -377,9 +377,8 @@ def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> s
     return "\n".join(lines) + "\n"
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The benchmark model and task (the issue's setting by default): also filter_cost.py's."""
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=512)
     p.add_argument("--n-head", type=int, default=8)
@@ -387,6 +386,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, nargs=3, default=[5, 16, 16])
     p.add_argument("--block", type=int, default=16, help="NBP block: 1x1xBLOCK")
     p.add_argument("--context-frames", type=int, default=2)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    model_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefix", type=int, default=1024, help="prefix length of the per-step comparison")
     p.add_argument("--repeats", type=int, default=5)
