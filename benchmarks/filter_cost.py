@@ -16,9 +16,15 @@ step):
 - what remains: the whole draw less the row maximum, weights, chunk sums, ``topk``, two counting passes at two
   thresholds and the inverse CDF (the bookkeeping on a few values a row, the exact decisions, the standing passes).
 
+With ``--fused-c`` (needs a C compiler, ``cc``): ``benchmarks/fused_count.c``, compiled here with ``-O3
+-march=native -ffast-math`` and loaded with ctypes, does the weights, chunk sums and counts at four thresholds in one
+pass; it is checked against the torch ops (counts equal, weights and masses to float rounding) and timed against
+them, both on one thread. It measures what a compiled kernel would save; the package does not use it.
+
 Writes the ``filter_cost_cpu`` section of ``results/speed.md``.
 
     python benchmarks/filter_cost.py                      # the issue's setting
+    python benchmarks/filter_cost.py --fused-c            # also: one compiled pass against the torch ops
     python benchmarks/filter_cost.py --tiny --repeats 1   # smoke run
 """
 
@@ -26,9 +32,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +119,65 @@ def parts(top_k: int, top_p: float, threads: int, steps: list[torch.Tensor]) -> 
     return out
 
 
+def fused_c(steps: list[torch.Tensor], workdir: str):
+    """(check line, {label: fn}) for --fused-c: the compiled pass and the torch ops it replaces, one thread each."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("filter_cost: --fused-c needs a C compiler (cc) on PATH")
+    lib_path = os.path.join(workdir, "libfused_count.so")
+    src = Path(__file__).resolve().parent / "fused_count.c"
+    res = subprocess.run([cc, "-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-o", lib_path, str(src), "-lm"],
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"filter_cost: compiling {src} failed: {res.stderr.strip()[:500]}")
+    lib = ctypes.CDLL(lib_path)
+    ptr = ctypes.c_void_p
+    lib.fused_count.argtypes = [ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr]
+    n, V = steps[0].shape
+    q = 4
+    w, cs = torch.empty(n, V), torch.empty(n, V // S.CHUNK)
+    c, z = torch.empty(n, q), torch.empty(n, q)
+    th = {id(x): torch.quantile(x[:, ::97], torch.tensor([0.95, 0.9, 0.8, 0.75]), dim=-1).T.contiguous() for x in steps}
+    buf = torch.empty(2 * n * V)
+
+    def fused(x):
+        m = x.amax(-1)
+        t = th[id(x)]
+        if lib.fused_count(x.data_ptr(), m.data_ptr(), t.data_ptr(), n, V, q, S.CHUNK, w.data_ptr(), cs.data_ptr(),
+                           c.data_ptr(), z.data_ptr()):
+            raise SystemExit("filter_cost: fused_count refused its arguments")
+
+    def ops(x):
+        m = x.amax(-1, keepdim=True)
+        w2 = S.weights(x, m)
+        S._chunked(w2[:, 1]).sum(-1)
+        t = th[id(x)]
+        return [S.counts_masses(x, w2, t[:, :2], buf), S.counts_masses(x, w2, t[:, 2:], buf)], w2
+
+    worst = [0.0, 0.0]  # relative error of the weights, of the masses
+    same_counts = True
+    for x in steps:
+        fused(x)
+        (c1, z1), (c2, z2) = ops(x)[0]
+        w2 = ops(x)[1]
+        same_counts &= torch.equal(c, torch.cat([c1, c2], 1))
+        worst[0] = max(worst[0], float(((w - w2[:, 1]).abs() / w2[:, 1].clamp(min=1e-30)).max()))
+        worst[1] = max(worst[1], float(((z - torch.cat([z1, z2], 1)).abs() / w2[:, 1].sum(-1, keepdim=True)).max()))
+    if not same_counts:
+        raise SystemExit("filter_cost: the compiled pass's counts differ from counts_masses'")
+    check = (f"The compiled pass against the torch ops on all {len(steps)} steps: counts equal; weights within "
+             f"{worst[0]:.1e} relative, masses within {worst[1]:.1e} of the row's weight.")
+
+    def one_thread(fn):
+        def run(x):
+            torch.set_num_threads(1)
+            fn(x)
+        return run
+
+    return check, {"torch ops, one thread: row max, weights, chunk sums, 2 counting passes at 2 thresholds":
+                   one_thread(ops), "one compiled pass, one thread: the same (row max by torch)": one_thread(fused)}
+
+
 PASSES = ["row maximum", "weights", "chunk sums", "sample topk", "counting pass, 2 thresholds",
           "counting pass, 2 thresholds", "inverse CDF, 12 draws a row"]  # what one draw runs over the whole block
 
@@ -124,6 +193,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fused-c", action="store_true", help="also time one compiled pass (benchmarks/fused_count.c)")
     p.add_argument("--tiny", action="store_true", help="smoke size: 1 layer, width 64, grid 3x4x4, 20,480 codes")
     p.add_argument("--md", default="results/speed.md", help="'' to write nothing")
     a = p.parse_args(argv)
@@ -144,6 +214,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     print(f"load average before: {load0}", flush=True)
     steps: list[torch.Tensor] = []
+    tmp = tempfile.TemporaryDirectory()
     with kept_logits(steps):
         S.generate(model, task, prompt, generator=torch.Generator().manual_seed(0), top_k=a.top_k, top_p=a.top_p)
     if not steps:
@@ -152,6 +223,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"filter_cost: {steps[0].shape[1]} logits a row is not a multiple of the draw's chunk of "
                          f"{S.CHUNK}: its proposal would be cut first (choose --vocab accordingly)")
     fns = parts(a.top_k, a.top_p, a.threads, steps)
+    check = ""
+    if a.fused_c:
+        check, more = fused_c(steps, tmp.name)
+        fns |= {k: (lambda x, f=f: (f(x), torch.set_num_threads(a.threads))) for k, f in more.items()}
     times: dict[str, list[float]] = {"greedy generation": [], "sampled generation": [], **{k: [] for k in fns}}
     for r in range(a.repeats + 1):  # the first repeat warms up and is dropped
         t0 = time.perf_counter()
@@ -186,7 +261,7 @@ def main(argv=None) -> int:
               f"| budget of the draw for sampled / greedy <= {TARGET} ({TARGET - 1:.2f} x a greedy step + argmax) "
               f"| {fmt(budget)} |", "",
               f"Sampled / greedy generation, paired per repeat: {statistics.median(ratio):.3f} "
-              f"({min(ratio):.3f}-{max(ratio):.3f}).", ""]
+              f"({min(ratio):.3f}-{max(ratio):.3f}).", ""] + ([check, ""] if check else [])
     body = "\n".join(lines) + "\n"
     print(body)
     if a.md:

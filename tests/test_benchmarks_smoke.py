@@ -4,6 +4,7 @@ command lines its Python parts accept."""
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,17 @@ def test_sampling_speed_tiny(tmp_path):
 
 def test_filter_cost_tiny(tmp_path):
     md = tmp_path / "speed.md"
-    out = _run("filter_cost.py", "--tiny", "--repeats", "1", "--threads", "1", "--md", str(md))
+    compiler = bool(shutil.which("cc") or shutil.which("gcc"))  # --fused-c compiles benchmarks/fused_count.c
+    out = _run("filter_cost.py", "--tiny", "--repeats", "1", "--threads", "1", "--md", str(md),
+               *(["--fused-c"] if compiler else []))
     assert "load average before" in out
     body = _section(md, "filter_cost_cpu")
     rows = re.findall(r"^\| ([^|]+) \| (-?[0-9.]+) \(", body, re.M)  # (label, median ms) of every timed row
     labels = [label for label, _ in rows]
     assert labels[:4] == ["greedy generation", "sampled generation", "whole draw", "whole draw, one thread"], labels
-    assert sum(label.startswith("counting pass, ") for label in labels) == 4 and len(rows) == 16, labels
+    assert sum(label.startswith("counting pass, ") for label in labels) == 4 and len(rows) == 16 + 2 * compiler, labels
+    assert ("one compiled pass, one thread" in body) == compiler
+    assert ("counts equal; weights within" in body) == compiler  # checked against the torch ops before timing
     assert "4 steps of 4 x 20,480 logits" in body  # grid 3x4x4, 2 context frames, blocks of 4: the draws it timed
     assert re.search(r"Sampled / greedy generation, paired per repeat: [0-9.]+ \(", body)
 
