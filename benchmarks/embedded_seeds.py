@@ -16,6 +16,7 @@ machines of the same kind, so the same seed gives different numbers on them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -54,15 +55,20 @@ def set_seeds(params: Path, seed: int) -> None:
 
 
 def machine() -> str:
-    """The CPU as /proc/cpuinfo names it, with family/model (same-named EPYCs differ: Zen 3 has no AVX-512)."""
+    """The CPU as /proc/cpuinfo names it, with family/model (same-named EPYCs differ: Zen 3 has no AVX-512) and a
+    short hash of its feature flags: two virtual machines of the same model gave different numbers for the same
+    seed (the kernels follow the instruction sets a host exposes), and one of another model gave the same."""
     info: dict[str, str] = {}
     if Path("/proc/cpuinfo").exists():
         for ln in Path("/proc/cpuinfo").read_text().splitlines():
             k, _, v = ln.partition(":")
             info.setdefault(k.strip(), v.strip())
     name = info.get("model name") or platform.processor() or platform.machine()
-    avx = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
-    return f"{name} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {avx}), {os.cpu_count()} cores"
+    flags = sorted(info.get("flags", "").split())
+    avx = "AVX-512" if "avx512f" in flags else "no AVX-512"
+    tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:6] if flags else "?"
+    return (f"{name} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {avx}, flags {tag}), "
+            f"{os.cpu_count()} cores")
 
 
 def record(workspace: Path, seed: int, threads: int, wall_s: float | None) -> dict:
