@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from embedded_seeds import machine  # noqa: E402
 from sampling_speed import frame_task, model_args  # noqa: E402
 
 from nbp.generator import sampling as S  # noqa: E402
@@ -253,7 +254,8 @@ def main(argv=None) -> int:
              f"grid {'x'.join(map(str, a.grid))} with {a.context_frames} context frames, batch 1, {a.threads} threads; "
              f"top-k {a.top_k:,}, top-p {a.top_p}; the draw's input: {len(steps)} steps of {n} x {V:,} logits from one "
              f"sampled generation. Milliseconds per step, median (min-max) of {a.repeats} interleaved repeats. "
-             f"Load average {load0[0]:.2f} before, {load1[0]:.2f} after.", "",
+             f"CPU: {machine()}; torch {torch.__version__}. Load average {load0[0]:.2f} before, {load1[0]:.2f} "
+             "after.", "",
              "| | ms per step |", "|---|---|"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in times.items()]
     lines += [f"| the rest of the draw (whole draw less the passes it runs: {', '.join(dict.fromkeys(PASSES))}; "
