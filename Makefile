@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: setup main test lint
-$(BIN)/nbp: pyproject.toml
+$(BIN)/nbp: pyproject.toml setup.py nbp/generator/kernels.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

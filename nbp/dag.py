@@ -427,7 +427,8 @@ def _imports_of(path: Path, module: str, root: Path) -> set[str]:
 @cache
 def _closure(module: str, root: Path, follow_untracked: bool = False) -> tuple[str, ...]:
     """Repo-relative files of ``module`` and every nbp module it imports, transitively, with their packages
-    (without the untracked modules, whose imports are not followed unless ``follow_untracked``)."""
+    (without the untracked modules, whose imports are not followed unless ``follow_untracked``), and the C source
+    beside a module of the same name (``kernels.c`` beside ``kernels.py``: the extension that module loads)."""
     untracked = set() if follow_untracked else set(UNTRACKED_CODE)
     seen: set[str] = set()
     todo = [module]
@@ -444,6 +445,7 @@ def _closure(module: str, root: Path, follow_untracked: bool = False) -> tuple[s
             if rel not in untracked:
                 todo += sorted(_imports_of(f, pkg, root))
     files = {str(_module_file(m, root).relative_to(root)) for m in seen}
+    files |= {str(Path(f).with_suffix(".c")) for f in files if (root / f).with_suffix(".c").is_file()}  # compiled parts
     return tuple(sorted(files - untracked))
 
 

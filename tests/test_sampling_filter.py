@@ -78,7 +78,7 @@ def test_greedy_is_argmax_and_top_k_1_agrees():
     assert torch.equal(sample_logits(logits, top_k=1, generator=torch.Generator().manual_seed(1)), greedy)
 
 
-def test_draws_are_seeded_and_stay_inside_the_filtered_set():
+def test_draws_are_seeded_and_stay_inside_the_filtered_set(passes):
     logits = torch.randn(64, 40)
     a = sample_logits(logits, top_k=3, generator=torch.Generator().manual_seed(5))
     b = sample_logits(logits, top_k=3, generator=torch.Generator().manual_seed(5))
@@ -88,7 +88,7 @@ def test_draws_are_seeded_and_stay_inside_the_filtered_set():
     assert (top3 == a[:, None]).any(-1).all()
 
 
-def test_draw_frequencies_follow_the_filtered_softmax():
+def test_draw_frequencies_follow_the_filtered_softmax(passes):
     logits = _logp(0.5, 0.3, 0.15, 0.05).expand(20000, 4)
     ids = sample_logits(logits, top_k=3, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(ids, minlength=4).float() / ids.numel()
@@ -238,7 +238,7 @@ def _bracket_cases():
 
 @pytest.mark.parametrize("case", list(_bracket_cases()))
 @pytest.mark.parametrize("k", [1, 37, 5000, 15000, 19999])
-def test_top_k_bracket_holds_the_k_th_logit_and_bounds_the_top_k_mass(case, k):
+def test_top_k_bracket_holds_the_k_th_logit_and_bounds_the_top_k_mass(case, k, passes):
     """The bracket holds the k-th largest logit with the counts and masses it claims, its mass bounds hold the
     reference's top-k mass, and narrowing it to exactness gives the top-k set itself (unless tied)."""
     from nbp.generator.sampling import BAND_MASS, narrow, top_k_bracket
@@ -300,7 +300,7 @@ def test_inverse_cdf_follows_the_weights_and_never_draws_a_zero_weight():
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
 @pytest.mark.parametrize("f", [dict(top_k=500, top_p=0.9), dict(top_k=500), dict(top_p=0.7), dict(top_k=1999, top_p=0.5)],
                          ids=str)
-def test_draws_with_an_approximate_bracket_follow_the_reference_distribution(kind, f, monkeypatch):
+def test_draws_with_an_approximate_bracket_follow_the_reference_distribution(kind, f, monkeypatch, passes):
     """A vocabulary of 2,000 (the top-k bracket comes from a strided sample and counting passes): draws stay in
     the reference's kept set, with its probabilities summed over groups of ids of about equal mass."""
     from nbp.generator import sampling
@@ -317,7 +317,7 @@ def test_draws_with_an_approximate_bracket_follow_the_reference_distribution(kin
 
 @pytest.mark.parametrize("kind", ["flat", "peaked", "ties"])
 @pytest.mark.parametrize("f", FILTERS, ids=[str(f) for f in FILTERS])
-def test_draws_follow_the_reference_distribution(kind, f):
+def test_draws_follow_the_reference_distribution(kind, f, passes):
     """Sort-free draws of many rows of the same logits: always in the reference's kept set, with the
     reference's probabilities (total variation below the sampling noise of 40,000 draws)."""
     V, n = 60, 40000
@@ -332,7 +332,7 @@ def test_draws_follow_the_reference_distribution(kind, f):
     assert tv < 2.0 * noise + 1e-3, (tv, noise)
 
 
-def test_draws_at_vocabulary_size_are_in_the_kept_set_and_seeded():
+def test_draws_at_vocabulary_size_are_in_the_kept_set_and_seeded(passes):
     """64K vocabulary, k = 16000, top_p = 0.9 (the released evaluation filter) over a block of 16 rows."""
     x = _logits("flat", R=16, V=64000, seed=5) * 0.9
     kept = torch.isfinite(filter_logits(x, top_k=16000, top_p=0.9))
@@ -359,7 +359,7 @@ def test_filter_logits_is_the_reference_filter(f):
 
 
 @pytest.mark.parametrize("case", ["masked ids", "k-th place masked", "nan", "+inf"])
-def test_draws_on_non_finite_logits_stay_exact(case):
+def test_draws_on_non_finite_logits_stay_exact(case, passes):
     """-inf logits (masked ids) are never drawn and the kept set is the reference's, also when the k-th place is
     -inf; NaN or +inf logits go to the reference draw, which refuses them."""
     V, n = 600, 4000
@@ -409,7 +409,7 @@ def test_strided_sample_sees_a_bit_structured_vocabulary_without_bias():
     assert max(abs(z) for z in z_runs) > 10, z_runs
 
 
-def test_counts_masses_are_exact_counts_and_masses_at_every_threshold():
+def test_counts_masses_are_exact_counts_and_masses_at_every_threshold(passes):
     from nbp.generator.sampling import counts_masses, weights
 
     x = _bracket_cases()["bf16 logits"][:4]  # ties everywhere
@@ -430,7 +430,7 @@ CUT_FILTERS = [dict(top_k=16000, top_p=0.9), dict(top_k=5000, top_p=0.5), dict(t
 
 @pytest.mark.parametrize("case", list(_bracket_cases()))
 @pytest.mark.parametrize("f", CUT_FILTERS, ids=str)
-def test_filter_cuts_never_contradict_the_reference_filter(case, f):
+def test_filter_cuts_never_contradict_the_reference_filter(case, f, passes):
     """Every id above the keep cut is in the reference's kept set and none at or below the drop cut is, for every
     id of every row; and on an untrained model's flat logits with the evaluation filter the cuts leave at most a
     tenth of the kept weight undecided (those draws take a pass of their own)."""
@@ -453,7 +453,7 @@ def test_filter_cuts_never_contradict_the_reference_filter(case, f):
 
 
 @pytest.mark.parametrize("f", [dict(top_k=700, top_p=0.9), dict(top_p=0.6)], ids=str)
-def test_draws_proposed_from_all_weights_follow_the_reference_distribution(f):
+def test_draws_proposed_from_all_weights_follow_the_reference_distribution(f, passes):
     """A vocabulary of 1,024 (whole chunks) whose filter keeps a large share of the weight: the draw proposes from
     all weights, the drop cut rejects without a pass; the draws keep the reference's probabilities, summed over
     about 20 groups of ids of equal mass."""

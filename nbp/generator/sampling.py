@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nbp.generator import kernels
 from nbp.generator.layout import TaskLayout
 from nbp.generator.model import GPT, KVCache, decode_threads, plain_linears, wide_threads
 from nbp.tracking import progress
@@ -127,6 +128,8 @@ def _above(x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _count_mass(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(#(x > t), mass of w where x > t) per row, [n, 1] each (float)."""
+    if kernels.enabled() and kernels.fits(x, w):
+        return kernels.count_mass(x, w, t)
     ind = _above(x, t, buf)
     count = ind.sum(-1, keepdim=True)
     return count, ind.mul_(w).sum(-1, keepdim=True)
@@ -136,24 +139,47 @@ def counts_masses(x: torch.Tensor, w2: torch.Tensor, t: torch.Tensor, buf: torch
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(#(x > t), mass of w above t) [n, q] each, at q thresholds per row t [n, q], in one pass over x [n, V]:
     the indicators [n, q, V] times ``w2`` [n, 2, V] (a row of ones and the row of weights) transposed, one
-    batched matmul (no product is written out). ``buf``: float scratch of at least n * q * V."""
+    batched matmul (no product is written out); or the compiled pass (:mod:`nbp.generator.kernels`), which reads
+    x and the weights once for every threshold. ``buf``: float scratch of at least n * q * V."""
     n, q = t.shape
+    if kernels.enabled() and kernels.fits(x, w2[:, 1]) and q <= kernels.MAX_THRESHOLDS:
+        return kernels.count_mass(x, w2[:, 1], t)
     ind = torch.gt(x[:, None], t[..., None], out=buf.view(-1)[: n * q * x.shape[1]].view(n, q, -1))  # [n, q, V]
     cz = torch.bmm(ind, w2.transpose(1, 2))  # [n, q, 2]
     return cz[..., 0], cz[..., 1]
 
 
-def weights(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """[n, 2, V]: ones, and exp(x - m) (the softmax times its normaliser: every test of the draw is on ratios),
-    in a per-thread scratch whose row of ones is filled once per shape."""
-    n, V = x.shape
+def _w2(n: int, V: int) -> torch.Tensor:
+    """[n, 2, V] per-thread scratch for :func:`weights`, its row of ones filled once per shape."""
     w2 = _scratch("w2", 2 * n, V).view(n, 2, V)
     tag = _WORK.__dict__.get("w2_ones")
     if tag != (n, V, w2.data_ptr()):
         w2[:, 0] = 1
         _WORK.w2_ones = (n, V, w2.data_ptr())
-    torch.sub(x, m, out=w2[:, 1]).exp_()
     return w2
+
+
+def weights(x: torch.Tensor, m: torch.Tensor, sums: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 2, V]: ones, and exp(x - m) (the softmax times its normaliser: every test of the draw is on ratios),
+    in a per-thread scratch. ``sums`` [n, V // CHUNK]: filled with the weights' chunk sums (V a multiple of
+    :data:`CHUNK`). With the compiled passes (:mod:`nbp.generator.kernels`) both come from one pass over x; the
+    weights are then 0 where exp(x - m) is below the smallest normal float (torch's exp gives a subnormal)."""
+    return weigh(x, m, sums)[0]
+
+
+def weigh(x: torch.Tensor, m: torch.Tensor, sums: torch.Tensor | None = None, t: torch.Tensor | None = None,
+          buf: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(:func:`weights` with ``sums``, and the counts and masses above thresholds t [n, q] as :func:`counts_masses`
+    gives them (None without t; ``buf``: its scratch)): one pass over x with the compiled passes, else torch ops."""
+    n, V = x.shape
+    w2 = _w2(n, V)
+    if kernels.enabled() and kernels.fits(x) and (t is None or t.shape[1] <= kernels.MAX_THRESHOLDS):
+        counted = kernels.weights(x, m, w2[:, 1], sums, CHUNK if sums is not None else 0, t)
+        return w2, None if t is None else counted
+    torch.sub(x, m, out=w2[:, 1]).exp_()
+    if sums is not None:
+        torch.sum(w2[:, 1].view(n, V // CHUNK, CHUNK), -1, out=sums)
+    return w2, None if t is None else counts_masses(x, w2, t, buf)
 
 
 @dataclass
@@ -220,27 +246,43 @@ def sample_ranks(k: int, s: int, V: int) -> tuple[int, int]:
     return min(s - 1, max(0, int(r - d))), min(s - 1, max(0, math.ceil(r + d)))
 
 
+def top_k_marks(top: torch.Tensor, m: torch.Tensor, k: int, V: int) -> torch.Tensor:
+    """The first bracket of the k-th largest logit of each row [n, 2] (hi, lo): the sample values ``top`` [n, J]
+    (sorted descending; at least as many as :func:`sample_ranks` reaches) at the ranks of :func:`sample_ranks`,
+    or (the row's maximum ``m``, :data:`FLOOR`) where they tie."""
+    j_hi, j_lo = sample_ranks(k, -(-V // sample_step(V)), V)
+    lo = top[:, j_lo:j_lo + 1].clamp(min=FLOOR)  # [n, 1] the (j_lo + 1)-th largest
+    hi = top[:, j_hi:j_hi + 1].clamp(min=FLOOR)  # [n, 1] the (j_hi + 1)-th
+    hi = torch.where(lo < hi, hi, m)  # a sample of tied values: start from the row's maximum
+    lo = torch.where(lo < hi, lo, FLOOR)
+    return torch.cat([hi, lo], 1)
+
+
+def sample_top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The largest values of the sample of x [n, V] (:func:`strided_sample`), sorted descending, as many as
+    :func:`sample_ranks` reaches for the k-th largest -> [n, J]."""
+    xs = strided_sample(x)
+    return xs.topk(sample_ranks(k, xs.shape[1], x.shape[1])[1] + 1, -1).values
+
+
 def top_k_bracket(x: torch.Tensor, w2: torch.Tensor, m: torch.Tensor, wmax: torch.Tensor, k: int, buf: torch.Tensor,
-                  top: torch.Tensor | None = None) -> tuple[Bracket, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  top: torch.Tensor | None = None, counted: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[Bracket, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A :class:`Bracket` of the k-th largest logit of each row of x [n, V] (``w2`` [n, 2, V]: ones and the
     weights, see :func:`weights`; ``m``: each row's largest logit, finite, ``wmax`` its weight; k < V), from a
     sample of about :data:`SAMPLE` logits and one pass counting both ends (:func:`counts_masses`; ``buf``:
     scratch of 2 n V floats); rows where the sample missed the k-th place are moved (:func:`_rebracket`), and
     narrowed (:func:`narrow`) where more than :data:`BAND_MASS` of the mass above ``lo`` may lie outside the top
-    k. ``top``: the sample's largest values, sorted descending, at least as many as :func:`sample_ranks`
-    reaches (None: taken here). -> (bracket, bounds zl, zh [n, 1] of the top-k mass, ok [n]: False where fewer
-    than k logits are finite, so the k-th is -inf)."""
+    k. ``top``: :func:`sample_top` (None: taken here); ``counted``: the counts and masses above
+    :func:`top_k_marks`, if already counted (:func:`weigh`). -> (bracket, bounds zl, zh [n, 1] of the top-k mass,
+    ok [n]: False where fewer than k logits are finite, so the k-th is -inf)."""
     n, V = x.shape
     w = w2[:, 1]  # [n, V]
     j_hi, j_lo = sample_ranks(k, -(-V // sample_step(V)), V)
-    if top is None:
-        top = strided_sample(x).topk(j_lo + 1, -1).values  # [n, j_lo + 1] the sample's largest, sorted descending
-    lo = top[:, j_lo:j_lo + 1].clamp(min=FLOOR)  # [n, 1] the (j_lo + 1)-th largest
-    hi = top[:, j_hi:j_hi + 1].clamp(min=FLOOR)  # [n, 1] the (j_hi + 1)-th
-    hi = torch.where(lo < hi, hi, m)  # a sample of tied values: start from the row's maximum
-    lo = torch.where(lo < hi, lo, FLOOR)
-    c, z = counts_masses(x, w2, torch.cat([hi, lo], 1), buf)  # [n, 2] each
-    br = Bracket(lo, hi, c[:, 1:], c[:, :1], z[:, 1:], z[:, :1])
+    top = sample_top(x, k) if top is None else top  # [n, J] the sample's largest, sorted descending
+    t = top_k_marks(top, m, k, V)  # [n, 2] hi, lo
+    c, z = counts_masses(x, w2, t, buf) if counted is None else counted  # [n, 2] each
+    br = Bracket(t[:, 1:], t[:, :1], c[:, 1:], c[:, :1], z[:, 1:], z[:, :1])
     miss = ((br.c_hi > k) | (br.c_lo < k))[:, 0]  # the sample missed the k-th place in these rows
     if bool(miss.any()):
         rows = miss.nonzero()[:, 0]
@@ -332,6 +374,11 @@ def standing(x: torch.Tensor, w: torch.Tensor, i: torch.Tensor, buf: torch.Tenso
     """Where ids i [r, c] stand in their rows of logits x [r, V] (softmax w): (#ids with a larger logit, #ids
     with the same logit (>= 1), mass of the larger ones), [r, c] each (``buf`` [r, c, V]: float scratch)."""
     v = x.gather(-1, i)[..., None]  # [r, c, 1]
+    if kernels.enabled() and kernels.fits(x, w) and 2 * i.shape[1] <= kernels.MAX_THRESHOLDS:
+        t = torch.cat([v[..., 0], torch.nextafter(v[..., 0], torch.tensor(-math.inf))], 1)  # [r, 2c] v, just below v
+        c, z = kernels.count_mass(x, w, t)  # [r, 2c] each
+        gt = c[:, :i.shape[1]]  # [r, c]
+        return gt, c[:, i.shape[1]:] - gt, z[:, :i.shape[1]]
     buf = torch.empty(*i.shape, x.shape[-1]) if buf is None else buf
     gt = torch.gt(x[:, None], v, out=buf).sum(-1)  # [r, c]
     above = buf.mul_(w[:, None]).sum(-1)  # [r, c]
@@ -500,11 +547,13 @@ class Cuts:
 
 
 def filter_cuts(x: torch.Tensor, w2: torch.Tensor, m: torch.Tensor, top_k: int | None, top_p: float | None,
-                buf: torch.Tensor, total: torch.Tensor | None = None) -> Cuts | None:
+                buf: torch.Tensor, total: torch.Tensor | None = None, top: torch.Tensor | None = None,
+                counted: tuple[torch.Tensor, torch.Tensor] | None = None) -> Cuts | None:
     """The :class:`Cuts` of the filter of :func:`filter_logits` on the rows of x [n, V] (``w2``: :func:`weights`;
     ``m``: each row's largest logit, finite; ``buf``: scratch of 2 n V floats; ``total``: each row's weight, if
-    known): the top-k bracket (:func:`top_k_bracket`: one pass at two thresholds) and, with a nucleus, two
-    thresholds around its edge placed from the sample (:func:`nucleus_marks`) and counted in a second pass;
+    known; ``top``, ``counted``: the sample's largest values and the counts at :func:`top_k_marks`, if known,
+    see :func:`top_k_bracket`): the top-k bracket (:func:`top_k_bracket`: one pass at two thresholds) and, with a
+    nucleus, two thresholds around its edge placed from the sample (:func:`nucleus_marks`) and counted in a second pass;
     :func:`sure_cuts` turns the four into the cuts. None where a row has fewer than top_k finite logits."""
     n, V = x.shape
     wmax = torch.ones_like(m)  # the largest weight, exp(0)
@@ -516,8 +565,8 @@ def filter_cuts(x: torch.Tensor, w2: torch.Tensor, m: torch.Tensor, top_k: int |
     marks: list[tuple[torch.Tensor, ...]] = []  # (t, c, z) [n, 1] each: thresholds counted exactly
     br = None
     if limited:
-        top = xs.topk(sample_ranks(top_k, s, V)[1] + 1, -1).values if nucleus else None  # [n, J] sorted
-        br, zl, zh, ok = top_k_bracket(x, w2, m, wmax, top_k, buf, top)
+        top = sample_top(x, top_k) if top is None else top  # [n, J] sorted
+        br, zl, zh, ok = top_k_bracket(x, w2, m, wmax, top_k, buf, top, counted)
         if not bool(ok.all()):  # -inf at the k-th place
             return None
         marks += [(br.hi, br.c_hi, br.z_hi), (br.lo, br.c_lo, br.z_lo)]
@@ -547,11 +596,15 @@ def _draw_block(x: torch.Tensor, top_k: int | None, top_p: float | None, generat
     if not bool(torch.isfinite(m).all()):  # NaN, +inf, or nothing but -inf: the reference
         return _reference_sample(x, top_k, top_p, generator)
     x = x.contiguous()
-    w2 = weights(x, m)  # [n, 2, V] ones, and the weights
+    cw = torch.empty(n, V // CHUNK) if V % CHUNK == 0 else None  # [n, nc] the chunk sums of the weights
+    limited = top_k is not None and top_k < V
+    top = sample_top(x, top_k) if limited else None  # [n, J] the sample's largest, sorted descending
+    buf = _scratch("buf", 2 * n, V)
+    # the weights, their chunk sums and the counts at the first top-k bracket: one pass with the compiled passes
+    w2, counted = weigh(x, m, cw, top_k_marks(top, m, top_k, V) if limited else None, buf)  # [n, 2, V] ones, weights
     w = w2[:, 1]  # [n, V]
     full_w = _chunked(w)  # [n, nc, C] the unfiltered weights, as a proposal (None: not laid out for it)
-    cw = full_w.sum(-1) if full_w is not None else None  # [n, nc] their chunk sums
-    cut = filter_cuts(x, w2, m, top_k, top_p, _scratch("buf", 2 * n, V), None if cw is None else cw.sum(-1, keepdim=True))
+    cut = filter_cuts(x, w2, m, top_k, top_p, buf, None if cw is None else cw.sum(-1, keepdim=True), top, counted)
     if cut is None:  # -inf at the k-th place: the reference
         return _reference_sample(x, top_k, top_p, generator)
     # the proposal: all weights where at least FULL_PROPOSAL of them lie above the drop cut (which rejects the
@@ -566,7 +619,7 @@ def _draw_block(x: torch.Tensor, top_k: int | None, top_p: float | None, generat
         ws, c_draw = wl.view(n, Vp // CHUNK, CHUNK), CANDIDATES
         cw = ws.sum(-1)
     cs = cw.double().cumsum_(-1)  # [n, nc]
-    limited, nucleus = top_k is not None and top_k < V, top_p is not None and top_p < 1.0
+    nucleus = top_p is not None and top_p < 1.0
     d = _Draw(x, w, m, torch.ones_like(m), top_k if limited else None, top_p if nucleus else None, cut.br, cut.zl,
               cut.zh, {})
     out = torch.empty(n, dtype=torch.long)

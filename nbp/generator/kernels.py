@@ -1,0 +1,115 @@
+"""The compiled passes of the CPU draw (``kernels.c`` beside this file), called through ctypes.
+
+``pip install`` builds ``kernels.c`` into the extension ``nbp.generator._kernels`` (``setup.py``; the build is
+optional, so an install without a C compiler still works). Where it is built, :mod:`nbp.generator.sampling` uses it
+for its passes over a block of logits: the weights ``exp(x - max)`` with their chunk sums and the counts and masses
+above the first thresholds, in one pass, and the counts and masses above later thresholds. Elsewhere, with
+``NBP_KERNELS=0`` in the environment, or inside :func:`torch_ops`, torch ops do the same. Both give exactly the
+filter's draw; their weights differ in the last bits, so a seeded draw can differ between the two. The compiled
+passes give the same bits on every CPU (``kernels.c`` says how).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import os
+
+import torch
+
+ENV = "NBP_KERNELS"  # "0": the torch ops even where the extension is built
+EXTENSION = "nbp.generator._kernels"
+MAX_THRESHOLDS = 8  # MAXQ of kernels.c
+LANES, RUN = 16, 2048  # a chunk of the chunk sums is a multiple of LANES that divides RUN (kernels.c)
+_OFF = [False]
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    """The built extension, loaded as a plain shared library (None: not built)."""
+    try:
+        spec = importlib.util.find_spec(EXTENSION)
+    except ImportError:
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.nbp_weights.argtypes = [P, L, P, P, L, P, L, P, I, P, P, L, L]
+    lib.nbp_count_mass.argtypes = [P, L, P, L, P, I, P, P, L, L]
+    lib.nbp_weights.restype = lib.nbp_count_mass.restype = I
+    return lib
+
+
+def built() -> bool:
+    """Is the extension built (whatever the switches say)?"""
+    return _lib() is not None
+
+
+def enabled() -> bool:
+    """Does the draw use the compiled passes: built, and not switched off (``NBP_KERNELS=0``, :func:`torch_ops`)?"""
+    return not _OFF[0] and os.environ.get(ENV, "1") != "0" and built()
+
+
+@contextlib.contextmanager
+def torch_ops():
+    """Inside: the draw runs its passes with torch ops, as where the extension is not built."""
+    before = _OFF[0]
+    _OFF[0] = True
+    try:
+        yield
+    finally:
+        _OFF[0] = before
+
+
+def fits(*ts: torch.Tensor) -> bool:
+    """Can the kernels take these [n, V] tensors: float32 on the CPU, each row contiguous?"""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1
+               and t.stride(0) >= t.shape[1] for t in ts)
+
+
+def _thresholds(t: torch.Tensor | None, n: int) -> torch.Tensor:
+    t = torch.empty(n, 0) if t is None else t.to(torch.float32).contiguous()
+    if t.dim() != 2 or t.shape[0] != n or t.shape[1] > MAX_THRESHOLDS:
+        raise ValueError(f"thresholds must be [{n}, q] with q <= {MAX_THRESHOLDS}, not {list(t.shape)}")
+    return t
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise ValueError(f"nbp.generator.kernels: {what} refused its arguments")
+
+
+def weights(x: torch.Tensor, m: torch.Tensor, w: torch.Tensor, sums: torch.Tensor | None = None, chunk: int = 0,
+            t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In one pass over x [n, V] (rows contiguous, :func:`fits`): w [n, V] = exp(x - m [n, 1]) (0 where that is
+    below the smallest normal float); ``sums`` [n, V // chunk]: the sum of w over each whole chunk of ``chunk`` ids
+    (a multiple of 16 that divides 2048); -> (#(x > t), the sum of w where x > t) [n, q] each (float32), for the
+    q <= 8 thresholds per row t [n, q] (None: q = 0)."""
+    n, V = x.shape
+    m = m.to(torch.float32).reshape(n).contiguous()
+    t = _thresholds(t, n)
+    q = t.shape[1]
+    if sums is not None and not (chunk % LANES == 0 and chunk and RUN % chunk == 0 and sums.is_contiguous()
+                                 and sums.shape == (n, V // chunk)):
+        raise ValueError(f"chunk sums need a contiguous [{n}, V // chunk] tensor and a chunk that is a multiple of "
+                         f"{LANES} dividing {RUN}")
+    c, z = torch.empty(n, q), torch.empty(n, q)
+    _check(_lib().nbp_weights(x.data_ptr(), x.stride(0), m.data_ptr(), w.data_ptr(), w.stride(0),
+                              None if sums is None else sums.data_ptr(), chunk, t.data_ptr(), q, c.data_ptr(),
+                              z.data_ptr(), n, V), "nbp_weights")
+    return c, z
+
+
+def count_mass(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(#(x > t), the sum of w where x > t) [n, q] each (float32), for 1 <= q <= 8 thresholds per row t [n, q];
+    x and w [n, V], rows contiguous (:func:`fits`)."""
+    n, V = x.shape
+    t = _thresholds(t, n)
+    q = t.shape[1]
+    c, z = torch.empty(n, q), torch.empty(n, q)
+    _check(_lib().nbp_count_mass(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), t.data_ptr(), q, c.data_ptr(),
+                                 z.data_ptr(), n, V), "nbp_count_mass")
+    return c, z

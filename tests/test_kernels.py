@@ -1,0 +1,165 @@
+"""The compiled passes of the CPU draw (nbp/generator/kernels.c through nbp.generator.kernels): known answers
+against float64 references, exact counts, the fused pass against the separate one, refused arguments, and the
+same bits from builds for every instruction set this CPU runs."""
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+from nbp.generator import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.built(), reason="nbp.generator._kernels is not built (no C compiler)")
+NEG = float("-inf")
+SRC = os.path.join(os.path.dirname(kernels.__file__), "kernels.c")
+
+
+def _logits(n=5, V=5000, seed=0):
+    """Logits with what the draw meets: a wide range, ties, -inf (masked ids), and ids far below the maximum."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(max(n, 5), V, generator=g) * 4
+    x[0, ::7] = NEG
+    x[1, :100] = x[1, 100]  # ties
+    x[2, 3] = x[2].max() - 87.0  # just above the cut to 0
+    x[2, 4] = x[2].max() - 87.6  # just below it
+    x[3] = torch.round(x[3])  # ties everywhere
+    x[4, 11] = 1e4  # one huge logit: everything else underflows
+    return x[:n].contiguous()
+
+
+def test_weights_are_exp_within_a_few_ulp_and_zero_below_the_smallest_normal():
+    x = _logits()
+    m = x.amax(-1, keepdim=True)
+    w = torch.empty_like(x)
+    kernels.weights(x, m, w)
+    d = (x - m).double()  # the float difference, as torch's exp(x - m) also takes it
+    exact = torch.exp(d)
+    normal = d > -87.3
+    rel = ((w.double() - exact).abs() / exact)[normal]
+    assert float(rel.max()) < 4e-7, float(rel.max())  # float32 ulp: 6e-8 to 1.2e-7
+    assert bool((w[~normal] == 0).all())
+    assert float(w[2, 3]) > 0 and float(w[2, 4]) == 0
+    assert bool((w[0, ::7] == 0).all())
+    assert torch.equal(w.amax(-1), torch.ones(x.shape[0]))  # exp(0) is exactly 1
+
+
+@pytest.mark.parametrize("V", [4096, 5000, 1021])
+def test_chunk_sums_and_counts_match_float64_references(V):
+    x = _logits(V=V, seed=V)
+    n = x.shape[0]
+    m = x.amax(-1, keepdim=True)
+    chunk = 256
+    w, sums = torch.empty_like(x), torch.empty(n, V // chunk)
+    t = torch.stack([x[:, 5], x[:, 100], m[:, 0], torch.full_like(m[:, 0], NEG), torch.full_like(m[:, 0], -3.0e38),
+                     torch.full_like(m[:, 0], math.inf), x.median(-1).values], 1)  # [n, 7] ties, max, +-inf, floor
+    c, z = kernels.weights(x, m, w, sums, chunk, t)
+    wd = w.double()
+    ref_sums = wd[:, : V // chunk * chunk].view(n, -1, chunk).sum(-1)
+    assert torch.allclose(sums.double(), ref_sums, rtol=1e-6, atol=0)
+    above = x[:, None] > t[..., None]  # [n, 7, V]
+    assert torch.equal(c, above.sum(-1).float())  # exact counts, strict comparison at ties
+    ref_z = (above * wd[:, None]).sum(-1)
+    assert torch.allclose(z.double(), ref_z, rtol=1e-6, atol=1e-30)
+    c2, z2 = kernels.count_mass(x, w, t)  # the separate pass: the same bits
+    assert torch.equal(c, c2) and torch.equal(z, z2)
+
+
+def test_rows_with_a_stride_and_a_scratch_of_two_rows():
+    """The draw's layout: weights written into the second row of an [n, 2, V] scratch, logits a column slice."""
+    big = _logits(V=3000)
+    x = big[:, 100:2148]  # rows of 2048 with a stride of 3000
+    n, V = x.shape
+    m = x.amax(-1, keepdim=True)
+    w2 = torch.full((n, 2, V), 7.0)
+    t = x[:, :2].clone()
+    c, z = kernels.weights(x, m, w2[:, 1], None, 0, t)
+    xc = x.contiguous()
+    w = torch.empty_like(xc)
+    c2, z2 = kernels.weights(xc, m, w, None, 0, t)
+    assert torch.equal(w2[:, 1], w) and torch.equal(c, c2) and torch.equal(z, z2)
+    assert bool((w2[:, 0] == 7).all())  # the other row is untouched
+
+
+def test_refused_arguments_say_which():
+    x = _logits(n=2, V=512)
+    m = x.amax(-1, keepdim=True)
+    w = torch.empty_like(x)
+    with pytest.raises(ValueError, match="q <= 8"):
+        kernels.count_mass(x, w, torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.weights(x, m, w, torch.empty(2, 512 // 100), 100)
+    assert not kernels.fits(x.double()) and not kernels.fits(x.t()) and kernels.fits(x)
+
+
+def test_switches_turn_the_compiled_passes_off(monkeypatch):
+    assert kernels.enabled()
+    with kernels.torch_ops():
+        assert not kernels.enabled()
+    assert kernels.enabled()
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.enabled()
+
+
+def test_the_extension_is_built_where_ci_installs_the_package():
+    """CI installs with a C compiler: a build that silently fell back to the torch ops would fail here (the
+    module's skip would hide it everywhere else, so this test looks for itself)."""
+    if not os.environ.get("CI"):
+        pytest.skip("only CI promises a compiler")
+    assert kernels.built()
+
+
+def _build(flags: list[str], out: str) -> ctypes.CDLL:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    inc = sysconfig.get_paths()["include"]
+    res = subprocess.run([cc, *flags, "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-DNBP_NO_CLONES",
+                          "-shared", "-fPIC", f"-I{inc}", "-o", out, SRC], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(out)
+    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.nbp_weights.argtypes = [P, L, P, P, L, P, L, P, I, P, P, L, L]
+    return lib
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and f" {flag}" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or not os.path.exists("/proc/cpuinfo"),
+                    reason="needs a C compiler on Linux")
+def test_every_instruction_set_gives_the_same_bits(tmp_path):
+    """kernels.c built for the baseline (SSE2), AVX2 and AVX-512 where this CPU runs them, vectorised (-O3) or not
+    (-O0): the weights, chunk sums, counts and masses are the same bits, and the same as the installed build's."""
+    x = _logits(n=4, V=5000, seed=3)
+    n, V = x.shape
+    m = x.amax(-1, keepdim=True).contiguous()
+    t = torch.stack([x[:, 9], x.median(-1).values, m[:, 0] - 2], 1).contiguous()
+
+    def run(lib):
+        w, sums, c, z = torch.empty(n, V), torch.empty(n, V // 256), torch.empty(n, 3), torch.empty(n, 3)
+        assert lib.nbp_weights(x.data_ptr(), V, m.data_ptr(), w.data_ptr(), V, sums.data_ptr(), 256, t.data_ptr(), 3,
+                               c.data_ptr(), z.data_ptr(), n, V) == 0
+        return [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z)]
+
+    builds = {"-O0": ["-O0"], "-O3": ["-O3"]}
+    if _cpu_has("avx2"):
+        builds["-O3 -mavx2"] = ["-O3", "-mavx2"]
+    if _cpu_has("avx512f"):
+        builds["-O3 -mavx512f"] = ["-O3", "-mavx512f"]
+    got = {k: run(_build(f, str(tmp_path / f"k{i}.so"))) for i, (k, f) in enumerate(builds.items())}
+    w, sums = torch.empty(n, V), torch.empty(n, V // 256)
+    c, z = kernels.weights(x, m, w, sums, 256, t)
+    got["installed"] = [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z)]
+    first = next(iter(got.values()))
+    for k, v in got.items():
+        for name, a, b in zip(("weights", "chunk sums", "counts", "masses"), v, first):
+            assert np.array_equal(a, b), f"{k}: {name} differ from {next(iter(got))}"
