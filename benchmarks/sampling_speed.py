@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nbp.generator import kernels
 from nbp.generator import model as M
 from nbp.generator import sampling as S
 from nbp.generator.layout import BlockLayout, TaskLayout
@@ -48,6 +49,7 @@ KEY = "sampling_speed"
 LOADS: list[float] = []  # 1-minute load average after each timed generation
 FILTERS = {"greedy": dict(greedy=True), "top-k 16000, top-p 0.9": dict(top_k=16000, top_p=0.9)}
 REFERENCE = "top-k 16000, top-p 0.9, sort-based reference draw"
+TORCH_OPS = "top-k 16000, top-p 0.9, torch-op passes"  # the sort-free draw without the compiled passes
 MKL_ONE_ROW = "mkl1"  # the fast path with MKL's packed sgemm for one-row linears (the rule before oneDNN)
 SAMPLED = "top-k 16000, top-p 0.9"
 
@@ -103,6 +105,8 @@ def settings(a) -> list[tuple[str, tuple, str, bool | str]]:
         out += [(mode, block, f, True) for f in FILTERS]
         if mode == "NBP" and a.reference:
             out.append((mode, block, REFERENCE, True))
+        if mode == "NBP" and kernels.enabled():
+            out.append((mode, block, TORCH_OPS, True))
         if a.plain:
             out += [(mode, block, f, False) for f in (FILTERS if mode == "NBP" else ["greedy"])]
         if mode == "NTP" and a.mkl_one_row and M._HAVE_DNNL and hasattr(torch.ops.mkl, "_mkl_linear"):
@@ -111,9 +115,12 @@ def settings(a) -> list[tuple[str, tuple, str, bool | str]]:
 
 
 def variant(fname: str, fast) -> contextlib.AbstractContextManager:
-    """The context a generation row runs in: the reference draw, MKL for one-row linears, or nothing."""
+    """The context a generation row runs in: the reference draw, the torch-op passes, MKL for one-row linears, or
+    nothing."""
     if fname == REFERENCE:
         return reference_draw()
+    if fname == TORCH_OPS:
+        return kernels.torch_ops()
     return mkl_one_row() if fast == MKL_ONE_ROW else contextlib.nullcontext()
 
 
@@ -310,7 +317,10 @@ def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> s
              "every row count; the head over the sampled ids only; a decode step's small ops on one thread, the wide "
              "linears on all; the filter and draw on all, over the logits); *plain* is `generate(..., fast=False)` "
              "(`F.linear`, every op on all threads). *Sampled* draws with the sort-free CPU filter (bracketed top k, "
-             "rejection draw); the *reference draw* sorts the top k and draws with `torch.multinomial`.", "",
+             "rejection draw) with its passes over the logits compiled (`nbp.generator.kernels`"
+             + ("" if kernels.enabled() else ": not built here, so torch ops") + "); *torch-op passes* is the same "
+             "draw with torch ops for those passes; the *reference draw* sorts the top k and draws with "
+             "`torch.multinomial`.", "",
              "| mode | block | linears | filter | forward passes | seconds | tokens/s | limit s | of the limit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in gen_rows:
@@ -323,9 +333,10 @@ def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> s
     by = {(r["mode"], r["filter"], r["fast"]): r["median"] for r in gen_rows}
     notes = ["NBP speed-up over NTP (same weights, fast): " + "; ".join(
         f"{f}: {by[('NTP', f, True)] / by[('NBP', f, True)]:.1f}x" for f in FILTERS) + "."]
-    ref = by.get(("NBP", REFERENCE, True))
+    ref, tops = by.get(("NBP", REFERENCE, True)), by.get(("NBP", TORCH_OPS, True))
     notes.append(f"Sampled / greedy (fast): NBP {by[('NBP', SAMPLED, True)] / by[('NBP', 'greedy', True)]:.2f}, "
                  f"NTP {by[('NTP', SAMPLED, True)] / by[('NTP', 'greedy', True)]:.2f}"
+                 + (f"; NBP with the torch-op passes {tops / by[('NBP', 'greedy', True)]:.2f}" if tops else "")
                  + (f"; NBP with the reference draw {ref / by[('NBP', 'greedy', True)]:.2f}." if ref else "."))
     plain = [f"{m} {f}: {by[(m, f, False)] / by[(m, f, True)]:.1f}x" for m in ("NBP", "NTP") for f in FILTERS
              if (m, f, False) in by]

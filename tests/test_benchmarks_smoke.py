@@ -36,11 +36,15 @@ def test_sampling_speed_tiny(tmp_path):
     out = _run("sampling_speed.py", "--tiny", "--repeats", "1", "--threads", "1", "--md", str(md))
     assert "load average before" in out
     body = _section(md, "sampling_speed_cpu")
-    # NBP: 5 generation rows (fast greedy, sampled, reference draw; plain greedy, sampled) + 2 step rows (fast,
-    # plain); NTP: 3 (fast greedy, sampled; plain greedy) + 2, and greedy with MKL for one-row linears where
-    # this build has both kernels
+    # NBP: 5 generation rows (fast greedy, sampled, reference draw; plain greedy, sampled), one more (sampled with
+    # the torch-op passes) where the compiled passes are built, + 2 step rows (fast, plain); NTP: 3 (fast greedy,
+    # sampled; plain greedy) + 2, and greedy with MKL for one-row linears where this build has both kernels
+    from nbp.generator import kernels
+
     both = M._HAVE_DNNL and hasattr(torch.ops.mkl, "_mkl_linear")
-    assert body.count("| NBP |") == 7 and body.count("| NTP |") == 5 + both
+    compiled = kernels.enabled()
+    assert body.count("| NBP |") == 7 + compiled and body.count("| NTP |") == 5 + both
+    assert ("torch-op passes |" in body) == compiled and ("NBP with the torch-op passes" in body) == compiled
     assert "sort-based reference draw" in body and "bare forward" in body and "Hardware limits" in body
     assert body.count("(same ids as fast)") == 2 + both  # greedy: plain NBP, plain NTP (and MKL one-row) agree
     assert ("One-row linears (every NTP step)" in body) == both
