@@ -10,5 +10,4 @@ unix = sys.platform != "win32"
 setup(ext_modules=[Extension(
     "nbp.generator._kernels", ["nbp/generator/kernels.c"], optional=True,
     # no fused multiply-add contraction and no fast-math: the kernels' bits are the same on every CPU
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-pthread"] if unix else ["/O2", "/fp:precise"],
-    extra_link_args=["-pthread"] if unix else [])])
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"] if unix else ["/O2", "/fp:precise"])])
