@@ -1,10 +1,11 @@
 """The compiled passes of the CPU draw (nbp/generator/kernels.c through nbp.generator.kernels): known answers
 against float64 references, exact counts, the fused pass against the separate one, refused arguments, and the
-same bits from builds for every instruction set this CPU runs."""
+same bits at every vector width and from every build."""
 
 import ctypes
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -118,12 +119,13 @@ def test_the_extension_is_built_where_ci_installs_the_package():
 def _build(flags: list[str], out: str) -> ctypes.CDLL:
     cc = shutil.which("cc") or shutil.which("gcc")
     inc = sysconfig.get_paths()["include"]
-    res = subprocess.run([cc, *flags, "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-DNBP_NO_CLONES",
-                          "-shared", "-fPIC", f"-I{inc}", "-o", out, SRC], capture_output=True, text=True)
+    res = subprocess.run([cc, *flags, "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-shared", "-fPIC",
+                          f"-I{inc}", "-o", out, SRC], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     lib = ctypes.CDLL(out)
     P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.nbp_weights.argtypes = [P, L, P, P, L, P, L, P, I, P, P, L, L]
+    lib.nbp_width.argtypes = [I]
     return lib
 
 
@@ -135,11 +137,32 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
+def _widest() -> int:
+    """The widest vector (floats) of this CPU that the passes have a version for, from /proc/cpuinfo."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return 4
+    return 16 if _cpu_has("avx512f") else 8 if _cpu_has("avx2") else 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_the_passes_run_at_the_widest_vector_this_cpu_has():
+    """The dispatch picks the version for the CPU's own vector width (a version compiled for a wider vector than
+    the CPU has would not run; a narrower one is slower), and a narrower width can be asked for."""
+    try:
+        assert kernels.width() == _widest()
+        assert kernels.width(4) == 4
+        assert kernels.width(8) == min(8, _widest())
+    finally:
+        kernels.width()
+
+
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or not os.path.exists("/proc/cpuinfo"),
                     reason="needs a C compiler on Linux")
-def test_every_instruction_set_gives_the_same_bits(tmp_path):
-    """kernels.c built for the baseline (SSE2), AVX2 and AVX-512 where this CPU runs them, vectorised (-O3) or not
-    (-O0): the weights, chunk sums, counts and masses are the same bits, and the same as the installed build's."""
+def test_every_vector_width_and_build_gives_the_same_bits(tmp_path):
+    """kernels.c at every vector width this CPU runs (4 floats: SSE2 or NEON, 8: AVX2, 16: AVX-512), in builds
+    vectorised (-O3) or not (-O0), for the whole file's baseline or for AVX2 (-mavx2), and without the x86
+    dispatch (the portable version alone): the weights, chunk sums, counts and masses are the same bits, and the
+    same as the installed build's."""
     x = _logits(n=4, V=5000, seed=3)
     n, V = x.shape
     m = x.amax(-1, keepdim=True).contiguous()
@@ -151,12 +174,17 @@ def test_every_instruction_set_gives_the_same_bits(tmp_path):
                                c.data_ptr(), z.data_ptr(), n, V) == 0
         return [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z)]
 
-    builds = {"-O0": ["-O0"], "-O3": ["-O3"]}
+    builds = {"-O0": ["-O0"], "-O3": ["-O3"], "-O3 -DNBP_NO_DISPATCH": ["-O3", "-DNBP_NO_DISPATCH"]}
     if _cpu_has("avx2"):
         builds["-O3 -mavx2"] = ["-O3", "-mavx2"]
-    if _cpu_has("avx512f"):
-        builds["-O3 -mavx512f"] = ["-O3", "-mavx512f"]
-    got = {k: run(_build(f, str(tmp_path / f"k{i}.so"))) for i, (k, f) in enumerate(builds.items())}
+    widths = [wd for wd in (4, 8, 16) if wd <= _widest()]
+    got = {}
+    for i, (k, f) in enumerate(builds.items()):
+        lib = _build(f, str(tmp_path / f"k{i}.so"))
+        for wd in widths:
+            if lib.nbp_width(wd) == wd:  # the build without dispatch has width 4 alone
+                got[f"{k}, width {wd}"] = run(lib)
+    assert len(got) >= len(builds) + len(widths) - 1
     w, sums = torch.empty(n, V), torch.empty(n, V // 256)
     c, z = kernels.weights(x, m, w, sums, 256, t)
     got["installed"] = [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z)]

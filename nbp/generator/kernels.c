@@ -9,127 +9,88 @@
      contraction; no fast-math), and an exp of our own instead of libm's;
    - fixed summation orders: LANES float lanes, added in one order at the end of each chunk (chunk sums) or of
      each run of RUN ids (masses), the runs' totals added in double.
-   The compiler still vectorises the lanes (target clones for AVX-512 and AVX2 on x86-64 Linux, picked at load). */
+
+   The row function is compiled once per vector width W (this file includes itself, as "kernels.c", with NBP_W
+   set): 16 floats (AVX-512), 8 (AVX2) and 4 (SSE2, NEON, anything else), the widest the CPU runs picked at the
+   first call (nbp_width). Each width keeps LANES / W vectors of accumulators, lane l of vector g holding the
+   logical lane g W + l, so every width adds in the same order. W must be a width the target has registers for:
+   GCC lowers a comparison of wider vectors one element at a time, with scalar compares. */
+#ifndef NBP_W /* ------------------------------------------------------------------------- the file proper */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #define LANES 16
 #define MAXQ 8
 #define RUN 2048 /* ids of a run: masses are summed in float lanes over a run, the runs in double */
+#define EXP_MIN (-87.3f) /* exp(d) below this is under the smallest normal float: 0 */
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(NBP_NO_CLONES)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(NBP_NO_DISPATCH)
+#define NBP_X86 1
 #else
-#define CLONES
+#define NBP_X86 0
 #endif
 
-/* LANES floats (ints) as one value: GCC/clang vector extensions, lowered to whatever the target clone has
-   (one AVX-512 register, two AVX2 ones, four SSE ones); every operation is elementwise and IEEE-rounded. */
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef int32_t vi __attribute__((vector_size(4 * LANES)));
-typedef float vf_u __attribute__((vector_size(4 * LANES), aligned(4))); /* an unaligned load or store */
+#define NBP_CAT2(a, b) a##b
+#define NBP_CAT(a, b) NBP_CAT2(a, b)
 
-static inline __attribute__((always_inline)) vf splat(float a) { return (vf){0} + a; }
-static inline __attribute__((always_inline)) vf blend(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); } /* mask ? a : b */
+typedef void (*row_fn)(const float *restrict x, float m, float *restrict w, int w_out, float *restrict cs, long chunk,
+                       const float *restrict t, int q, float *restrict c, float *restrict z, long V);
 
-/* exp(d) for d <= 0 (or -inf): 0 below EXP_MIN, where exp falls below the smallest normal float. Range reduction
-   d = k ln2 + r, |r| <= ln2 / 2, then the Taylor polynomial of degree 7 (truncation below 6e-9 relative), scaled
-   by 2^k through the exponent bits. */
-#define EXP_MIN (-87.3f)
+#define NBP_W 4
+#define NBP_TARGET
+#include "kernels.c" /* this file */
+#undef NBP_W
+#undef NBP_TARGET
+#if NBP_X86
+#define NBP_W 8
+#define NBP_TARGET __attribute__((target("avx2")))
+#include "kernels.c" /* this file */
+#undef NBP_W
+#undef NBP_TARGET
+#define NBP_W 16
+#define NBP_TARGET __attribute__((target("avx512f")))
+#include "kernels.c" /* this file */
+#undef NBP_W
+#undef NBP_TARGET
+#endif
 
-static inline __attribute__((always_inline)) vf exp_nonpos(vf d) {
-    vi low = d < EXP_MIN;
-    vf dc = blend(low, splat(EXP_MIN), d);
-    vf k = dc * 1.44269504088896341f;
-    k = (k + 12582912.0f) - 12582912.0f; /* round to nearest: |k| <= 126 */
-    vf r = dc - k * 0.693145751953125f;  /* ln2, high part: k times it is exact */
-    r = r - k * 1.42860682030941723e-06f; /* ln2, low part */
-    vf p = splat(1.0f / 5040.0f);
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    vf scale = (vf)((__builtin_convertvector(k, vi) + 127) << 23); /* 2^k, k >= -126 */
-    return blend(low, splat(0.0f), p * scale);
+static row_fn row = NULL; /* the width in use: set by nbp_width, at the latest by the first pass */
+static int width = 0;
+
+static int widest(void) {
+#if NBP_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 16;
+    if (__builtin_cpu_supports("avx2")) return 8;
+#endif
+    return 4;
 }
 
-static inline __attribute__((always_inline)) float lane_sum(vf a) { /* the lanes in one fixed order */
-    float s = 0.0f;
-    for (int l = 0; l < LANES; l++) s += a[l];
-    return s;
+/* The vector width the passes run at: the widest this CPU runs (want = 0), or the widest of at most want floats
+   (4, 8 or 16; the tests compare widths). Returns the width now in use. */
+int nbp_width(int want) {
+    int w = widest();
+    if (want > 0 && want < w) w = want >= 8 ? 8 : 4;
+#if NBP_X86
+    row = w == 16 ? row16 : w == 8 ? row8 : row4;
+#else
+    row = row4;
+#endif
+    width = w;
+    return w;
 }
 
-static float exp_one(float d) { /* the tail of a row: the same arithmetic as a lane */
-    vf v = splat(d);
-    return exp_nonpos(v)[0];
-}
-
-/* One row of V logits x (largest m): where w_out, w[i] = exp(x[i] - m) is computed and written, else w is read;
-   with chunk > 0 (a multiple of LANES dividing RUN), cs[b] = the sum of w over ids [b chunk, (b + 1) chunk), for
-   the whole chunks of the row; for each of q thresholds t[j], c[j] = #(x > t[j]) and z[j] = the sum of w where
-   x > t[j]. Each run of RUN ids is tested at every threshold while it is in cache. */
-CLONES static void row(const float *restrict x, float m, float *restrict w, int w_out, float *restrict cs, long chunk,
-                       const float *restrict t, int q, float *restrict c, float *restrict z, long V) {
-    long whole = V / LANES * LANES;
-    vi cnt[MAXQ] = {{0}};
-    double total[MAXQ] = {0};
-    for (long a = 0; a < whole; a += RUN) {
-        long end = a + RUN < whole ? a + RUN : whole;
-        if (w_out) {
-            vf acc = {0};
-            for (long i = a; i < end; i += LANES) {
-                vf e = exp_nonpos(*(const vf_u *)(x + i) - m);
-                *(vf_u *)(w + i) = e;
-                acc += e;
-                if (chunk > 0 && (i + LANES) % chunk == 0) {
-                    if (i + LANES <= V / chunk * chunk) cs[i / chunk] = lane_sum(acc);
-                    acc = (vf){0};
-                }
-            }
-        }
-        for (int j = 0; j < q; j++) {
-            vf acc = {0};
-            vi n = {0};
-            for (long i = a; i < end; i += LANES) {
-                vi above = *(const vf_u *)(x + i) > t[j];
-                n -= above; /* a true comparison is -1 */
-                acc += (vf)((vi)*(const vf_u *)(w + i) & above);
-            }
-            cnt[j] += n;
-            total[j] += lane_sum(acc);
-        }
-    }
-    if (w_out)
-        for (long i = whole; i < V; i++) w[i] = exp_one(x[i] - m);
-    for (int j = 0; j < q; j++) {
-        long n = 0;
-        float tail = 0.0f;
-        for (long i = whole; i < V; i++)
-            if (x[i] > t[j]) {
-                n++;
-                tail += w[i];
-            }
-        for (int l = 0; l < LANES; l++) n += cnt[j][l];
-        c[j] = (float)n;
-        z[j] = (float)(total[j] + tail);
-    }
-}
-
-/* For n rows of V logits x (row stride xs), largest m [n]: w (row stride ws) = exp(x - m); cs [n, V / chunk] the
-   chunk sums of w (NULL: none; chunk a multiple of LANES dividing RUN); and, for q <= MAXQ thresholds per row
-   t [n, q] (q = 0: none), c and z [n, q] the counts of x above them and the sums of w there. Returns 0, or 1 for
-   arguments it refuses. */
+/* For n rows of V logits x (row stride xs), m [n] at least each row's largest logit: w (row stride ws) =
+   exp(x - m); cs [n, V / chunk] the chunk sums of w (NULL: none; chunk a multiple of LANES dividing RUN); and,
+   for q <= MAXQ thresholds per row t [n, q] (q = 0: none), c and z [n, q] the counts of x above them and the sums
+   of w there. Returns 0, or 1 for arguments it refuses. */
 int nbp_weights(const float *x, long xs, const float *m, float *w, long ws, float *cs, long chunk, const float *t,
                 int q, float *c, float *z, long n, long V) {
     if (n < 0 || V < 1 || xs < V || ws < V || q < 0 || q > MAXQ) return 1;
     if (cs && (chunk < LANES || chunk % LANES || RUN % chunk)) return 1;
+    if (!row) nbp_width(0);
     for (long r = 0; r < n; r++)
         row(x + r * xs, m[r], w + r * ws, 1, cs ? cs + r * (V / chunk) : NULL, cs ? chunk : 0, t + r * q, q,
             c + r * q, z + r * q, V);
@@ -141,6 +102,7 @@ int nbp_weights(const float *x, long xs, const float *m, float *w, long ws, floa
 int nbp_count_mass(const float *x, long xs, const float *w, long ws, const float *t, int q, float *c, float *z,
                    long n, long V) {
     if (n < 0 || V < 1 || xs < V || ws < V || q < 1 || q > MAXQ) return 1;
+    if (!row) nbp_width(0);
     for (long r = 0; r < n; r++)
         row(x + r * xs, 0.0f, (float *)(w + r * ws), 0, NULL, 0, t + r * q, q, c + r * q, z + r * q, V);
     return 0;
@@ -150,3 +112,116 @@ int nbp_count_mass(const float *x, long xs, const float *w, long ws, const float
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, NULL, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+
+#else /* ----------------------------------------------- the row function at width NBP_W (included above) */
+#define G (LANES / NBP_W) /* vectors per LANES ids */
+#define VF NBP_CAT(vf, NBP_W)
+#define VI NBP_CAT(vi, NBP_W)
+#define VFU NBP_CAT(vfu, NBP_W)
+#define FN(name) NBP_CAT(name, NBP_W)
+#define INL static inline __attribute__((always_inline)) NBP_TARGET
+
+/* W floats (ints) as one value: GCC/clang vector extensions, one register of the target; every operation is
+   elementwise and IEEE-rounded. */
+typedef float VF __attribute__((vector_size(4 * NBP_W)));
+typedef int32_t VI __attribute__((vector_size(4 * NBP_W)));
+typedef float VFU __attribute__((vector_size(4 * NBP_W), aligned(4))); /* an unaligned load or store */
+
+INL VF FN(splat)(float a) { return (VF){0} + a; }
+INL VF FN(blend)(VI mask, VF a, VF b) { return (VF)(((VI)a & mask) | ((VI)b & ~mask)); } /* mask ? a : b */
+
+/* exp(d) for d <= 0 (or -inf): 0 below EXP_MIN. Range reduction d = k ln2 + r, |r| <= ln2 / 2, then the Taylor
+   polynomial of degree 7 (truncation below 6e-9 relative), scaled by 2^k through the exponent bits. */
+INL VF FN(exp_nonpos)(VF d) {
+    VI low = d < FN(splat)(EXP_MIN);
+    VF dc = FN(blend)(low, FN(splat)(EXP_MIN), d);
+    VF k = dc * 1.44269504088896341f;
+    k = (k + 12582912.0f) - 12582912.0f; /* round to nearest: |k| <= 126 */
+    VF r = dc - k * 0.693145751953125f;   /* ln2, high part: k times it is exact */
+    r = r - k * 1.42860682030941723e-06f; /* ln2, low part */
+    VF p = FN(splat)(1.0f / 5040.0f);
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    VF scale = (VF)((__builtin_convertvector(k, VI) + 127) << 23); /* 2^k, k >= -126 */
+    return FN(blend)(low, FN(splat)(0.0f), p * scale);
+}
+
+INL float FN(lane_sum)(const VF *a) { /* the LANES logical lanes of G vectors, in one fixed order */
+    float s = 0.0f;
+    for (int g = 0; g < G; g++)
+        for (int l = 0; l < NBP_W; l++) s += a[g][l];
+    return s;
+}
+
+/* One row of V logits x (m at least its largest): where w_out, w[i] = exp(x[i] - m) is computed and written, else
+   w is read; with chunk > 0 (a multiple of LANES dividing RUN), cs[b] = the sum of w over ids [b chunk, (b + 1)
+   chunk), for the whole chunks of the row; for each of q thresholds t[j], c[j] = #(x > t[j]) and z[j] = the sum of
+   w where x > t[j]. Each run of RUN ids is tested at every threshold while it is in cache. */
+NBP_TARGET static void FN(row)(const float *restrict x, float m, float *restrict w, int w_out, float *restrict cs,
+                               long chunk, const float *restrict t, int q, float *restrict c, float *restrict z,
+                               long V) {
+    long whole = V / LANES * LANES, chunks_end = chunk > 0 ? V / chunk * chunk : 0;
+    VI cnt[MAXQ][G];
+    double total[MAXQ] = {0};
+    for (int j = 0; j < q; j++)
+        for (int g = 0; g < G; g++) cnt[j][g] = (VI){0};
+    for (long a = 0; a < whole; a += RUN) {
+        long end = a + RUN < whole ? a + RUN : whole;
+        if (w_out) {
+            VF acc[G];
+            for (int g = 0; g < G; g++) acc[g] = (VF){0};
+            long next = a + chunk; /* the end of the current chunk (runs start on chunk boundaries) */
+            for (long i = a; i < end; i += LANES) {
+                for (int g = 0; g < G; g++) {
+                    VF e = FN(exp_nonpos)(*(const VFU *)(x + i + g * NBP_W) - m);
+                    *(VFU *)(w + i + g * NBP_W) = e;
+                    acc[g] += e;
+                }
+                if (chunk > 0 && i + LANES == next) {
+                    if (next <= chunks_end) cs[next / chunk - 1] = FN(lane_sum)(acc);
+                    for (int g = 0; g < G; g++) acc[g] = (VF){0};
+                    next += chunk;
+                }
+            }
+        }
+        for (int j = 0; j < q; j++) {
+            VF acc[G], tj = FN(splat)(t[j]);
+            for (int g = 0; g < G; g++) acc[g] = (VF){0};
+            for (long i = a; i < end; i += LANES)
+                for (int g = 0; g < G; g++) {
+                    VI above = *(const VFU *)(x + i + g * NBP_W) > tj;
+                    cnt[j][g] -= above; /* a true comparison is -1 */
+                    acc[g] += (VF)((VI) * (const VFU *)(w + i + g * NBP_W) & above);
+                }
+            total[j] += FN(lane_sum)(acc);
+        }
+    }
+    if (w_out)
+        for (long i = whole; i < V; i++) w[i] = FN(exp_nonpos)(FN(splat)(x[i] - m))[0];
+    for (int j = 0; j < q; j++) {
+        long n = 0;
+        float tail = 0.0f;
+        for (long i = whole; i < V; i++)
+            if (x[i] > t[j]) {
+                n++;
+                tail += w[i];
+            }
+        for (int g = 0; g < G; g++)
+            for (int l = 0; l < NBP_W; l++) n += cnt[j][g][l];
+        c[j] = (float)n;
+        z[j] = (float)(total[j] + tail);
+    }
+}
+
+#undef G
+#undef VF
+#undef VI
+#undef VFU
+#undef FN
+#undef INL
+#endif

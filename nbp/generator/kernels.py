@@ -6,7 +6,7 @@ for its passes over a block of logits: the weights ``exp(x - max)`` with their c
 above the first thresholds, in one pass, and the counts and masses above later thresholds. Elsewhere, with
 ``NBP_KERNELS=0`` in the environment, or inside :func:`torch_ops`, torch ops do the same. Both give exactly the
 filter's draw; their weights differ in the last bits, so a seeded draw can differ between the two. The compiled
-passes give the same bits on every CPU (``kernels.c`` says how).
+passes give the same bits on every CPU and at every vector width (``kernels.c`` says how).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def _lib() -> ctypes.CDLL | None:
     P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.nbp_weights.argtypes = [P, L, P, P, L, P, L, P, I, P, P, L, L]
     lib.nbp_count_mass.argtypes = [P, L, P, L, P, I, P, P, L, L]
-    lib.nbp_weights.restype = lib.nbp_count_mass.restype = I
+    lib.nbp_width.argtypes = [I]
+    lib.nbp_weights.restype = lib.nbp_count_mass.restype = lib.nbp_width.restype = I
     return lib
 
 
@@ -62,6 +63,13 @@ def torch_ops():
         yield
     finally:
         _OFF[0] = before
+
+
+def width(want: int = 0) -> int:
+    """Set the vector width of the passes and return it: the widest this CPU runs (``want=0``: 16 floats with
+    AVX-512, 8 with AVX2, else 4), or the widest of at most ``want`` floats. Every width gives the same bits; the
+    draw uses the widest (the tests compare them)."""
+    return _lib().nbp_width(int(want))
 
 
 def fits(*ts: torch.Tensor) -> bool:
