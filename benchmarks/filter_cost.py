@@ -205,7 +205,8 @@ def main(argv=None) -> int:
              f"top-k {a.top_k:,}, top-p {a.top_p}; the draw's input: {len(steps)} steps of {n} x {V:,} logits from one "
              f"sampled generation. Milliseconds per step, median (min-max) of {a.repeats} interleaved repeats. "
              f"CPU: {machine()}; torch {torch.__version__}. Load average {load0[0]:.2f} before, {load1[0]:.2f} "
-             f"after. The draw's passes: {PASSES_WAY[compiled]}.", "",
+             f"after. The draw's passes: {PASSES_WAY[compiled]}"
+             f"{f', {kernels.width()} floats a vector' if compiled else ''}.", "",
              "| | ms per step |", "|---|---|"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in times.items()]
     lines += [f"| the rest of the draw (whole draw less the passes it runs: {', '.join(PASSES)}) | {fmt(rest)} |",

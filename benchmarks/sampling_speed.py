@@ -45,6 +45,9 @@ from nbp.generator.layout import BlockLayout, TaskLayout
 from nbp.generator.model import GPT, GPTConfig, KVCache, decode_threads, fast_linear, plain_linears
 from nbp.io import write_markdown_section
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embedded_seeds import machine  # noqa: E402
+
 KEY = "sampling_speed"
 LOADS: list[float] = []  # 1-minute load average after each timed generation
 FILTERS = {"greedy": dict(greedy=True), "top-k 16000, top-p 0.9": dict(top_k=16000, top_p=0.9)}
@@ -298,7 +301,9 @@ def profile_runs(model, a, device, rows: int = 12) -> tuple[str, list[tuple[str,
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible), torch {torch.__version__}"
+    width = f", compiled passes at {kernels.width()} floats a vector" if kernels.enabled() else ""
+    return (f"CPU {machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible), torch "
+            f"{torch.__version__}{width}")
 
 
 def fmt(s: dict, digits: int = 2) -> str:

@@ -78,6 +78,12 @@ def fits(*ts: torch.Tensor) -> bool:
                and t.stride(0) >= t.shape[1] for t in ts)
 
 
+def usable(*ts: torch.Tensor, q: int = 0) -> bool:
+    """Do the compiled passes take this call: :func:`enabled`, the tensors :func:`fits`, and at most
+    :data:`MAX_THRESHOLDS` thresholds a row (``q``)?"""
+    return enabled() and fits(*ts) and q <= MAX_THRESHOLDS
+
+
 def _thresholds(t: torch.Tensor | None, n: int) -> torch.Tensor:
     t = torch.empty(n, 0) if t is None else t.to(torch.float32).contiguous()
     if t.dim() != 2 or t.shape[0] != n or t.shape[1] > MAX_THRESHOLDS:
@@ -93,9 +99,10 @@ def _check(rc: int, what: str) -> None:
 def weights(x: torch.Tensor, m: torch.Tensor, w: torch.Tensor, sums: torch.Tensor | None = None, chunk: int = 0,
             t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """In one pass over x [n, V] (rows contiguous, :func:`fits`): w [n, V] = exp(x - m [n, 1]) (0 where that is
-    below the smallest normal float); ``sums`` [n, V // chunk]: the sum of w over each whole chunk of ``chunk`` ids
-    (a multiple of 16 that divides 2048); -> (#(x > t), the sum of w where x > t) [n, q] each (float32), for the
-    q <= 8 thresholds per row t [n, q] (None: q = 0)."""
+    below the smallest normal float; m at least each row's largest logit, so that x - m <= 0); ``sums``
+    [n, V // chunk]: the sum of w over each whole chunk of ``chunk`` ids (a multiple of 16 that divides 2048); ->
+    (#(x > t), the sum of w where x > t) [n, q] each (float32), for the q <= 8 thresholds per row t [n, q] (None:
+    q = 0)."""
     n, V = x.shape
     m = m.to(torch.float32).reshape(n).contiguous()
     t = _thresholds(t, n)

@@ -128,7 +128,7 @@ def _above(x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _count_mass(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(#(x > t), mass of w where x > t) per row, [n, 1] each (float)."""
-    if kernels.enabled() and kernels.fits(x, w):
+    if kernels.usable(x, w):
         return kernels.count_mass(x, w, t)
     ind = _above(x, t, buf)
     count = ind.sum(-1, keepdim=True)
@@ -137,16 +137,18 @@ def _count_mass(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, buf: torch.Te
 
 def counts_masses(x: torch.Tensor, w2: torch.Tensor, t: torch.Tensor, buf: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(#(x > t), mass of w above t) [n, q] each, at q thresholds per row t [n, q], in one pass over x [n, V]:
-    the indicators [n, q, V] times ``w2`` [n, 2, V] (a row of ones and the row of weights) transposed, one
-    batched matmul (no product is written out); or the compiled pass (:mod:`nbp.generator.kernels`), which reads
-    x and the weights once for every threshold. ``buf``: float scratch of at least n * q * V."""
+    """(#(x > t), mass of w above t) [n, q] each, at q thresholds per row t [n, q], over x [n, V] (``w2`` [n, 2, V]:
+    a row of ones and the row of weights): the compiled pass (:mod:`nbp.generator.kernels`), which reads x and the
+    weights once for every threshold, or the indicators [n, q, V] summed, then weighted and summed, with torch ops
+    (``buf``: float scratch of at least n * q * V). The masses must be accurate well within :data:`TOP_P_MARGIN`:
+    torch's sum adds pairwise; a matmul against the weights did not hold that (one BLAS added the V products in a
+    running float sum, on some CPUs)."""
     n, q = t.shape
-    if kernels.enabled() and kernels.fits(x, w2[:, 1]) and q <= kernels.MAX_THRESHOLDS:
+    if kernels.usable(x, w2[:, 1], q=q):
         return kernels.count_mass(x, w2[:, 1], t)
     ind = torch.gt(x[:, None], t[..., None], out=buf.view(-1)[: n * q * x.shape[1]].view(n, q, -1))  # [n, q, V]
-    cz = torch.bmm(ind, w2.transpose(1, 2))  # [n, q, 2]
-    return cz[..., 0], cz[..., 1]
+    count = ind.sum(-1)  # [n, q]
+    return count, ind.mul_(w2[:, 1, None]).sum(-1)
 
 
 def _w2(n: int, V: int) -> torch.Tensor:
@@ -173,7 +175,7 @@ def weigh(x: torch.Tensor, m: torch.Tensor, sums: torch.Tensor | None = None, t:
     gives them (None without t; ``buf``: its scratch)): one pass over x with the compiled passes, else torch ops."""
     n, V = x.shape
     w2 = _w2(n, V)
-    if kernels.enabled() and kernels.fits(x) and (t is None or t.shape[1] <= kernels.MAX_THRESHOLDS):
+    if kernels.usable(x, q=0 if t is None else t.shape[1]):
         counted = kernels.weights(x, m, w2[:, 1], sums, CHUNK if sums is not None else 0, t)
         return w2, None if t is None else counted
     torch.sub(x, m, out=w2[:, 1]).exp_()
@@ -374,7 +376,7 @@ def standing(x: torch.Tensor, w: torch.Tensor, i: torch.Tensor, buf: torch.Tenso
     """Where ids i [r, c] stand in their rows of logits x [r, V] (softmax w): (#ids with a larger logit, #ids
     with the same logit (>= 1), mass of the larger ones), [r, c] each (``buf`` [r, c, V]: float scratch)."""
     v = x.gather(-1, i)[..., None]  # [r, c, 1]
-    if kernels.enabled() and kernels.fits(x, w) and 2 * i.shape[1] <= kernels.MAX_THRESHOLDS:
+    if kernels.usable(x, w, q=2 * i.shape[1]):
         t = torch.cat([v[..., 0], torch.nextafter(v[..., 0], torch.tensor(-math.inf))], 1)  # [r, 2c] v, just below v
         c, z = kernels.count_mass(x, w, t)  # [r, 2c] each
         gt = c[:, :i.shape[1]]  # [r, c]
