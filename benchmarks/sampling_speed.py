@@ -302,8 +302,7 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     width = f", compiled passes at {kernels.width()} floats a vector" if kernels.enabled() else ""
-    return (f"CPU {machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible), torch "
-            f"{torch.__version__}{width}")
+    return f"CPU {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}{width}"
 
 
 def fmt(s: dict, digits: int = 2) -> str:
