@@ -1,6 +1,8 @@
-"""The compiled passes of the CPU draw (nbp/generator/kernels.c through nbp.generator.kernels): known answers
-against float64 references, exact counts, the fused pass against the separate one, refused arguments, and the
-same bits at every vector width and from every build."""
+"""The compiled kernels of CPU sampling (nbp/generator/kernels.c through nbp.generator.kernels): the draw's passes
+(known answers against float64 references, exact counts, the fused pass against the separate one), the few-row GEMV
+(its documented summation order, float64 references, every thread count) and the greedy head's integer screen
+(exact integer products up to the input limit); refused arguments; the same bits at every vector width, from every
+build, with OpenMP or without."""
 
 import ctypes
 import math
@@ -126,6 +128,8 @@ def _build(flags: list[str], out: str) -> ctypes.CDLL:
     P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.nbp_weights.argtypes = [P, L, P, P, L, P, L, P, I, P, P, L, L]
     lib.nbp_width.argtypes = [I]
+    lib.nbp_gemv.argtypes = [P, L, P, P, P, L, L, I]
+    lib.nbp_screen.argtypes = [P, P, P, L, L, L, I]
     return lib
 
 
@@ -160,21 +164,31 @@ def test_the_passes_run_at_the_widest_vector_this_cpu_has():
                     reason="needs a C compiler on Linux")
 def test_every_vector_width_and_build_gives_the_same_bits(tmp_path):
     """kernels.c at every vector width this CPU runs (4 floats: SSE2 or NEON, 8: AVX2, 16: AVX-512), in builds
-    vectorised (-O3) or not (-O0), for the whole file's baseline or for AVX2 (-mavx2), and without the x86
-    dispatch (the portable version alone): the weights, chunk sums, counts and masses are the same bits, and the
-    same as the installed build's."""
+    vectorised (-O3) or not (-O0), for the whole file's baseline or for AVX2 (-mavx2), with OpenMP or without, and
+    without the x86 dispatch (the portable version alone): the weights, chunk sums, counts and masses, the GEMV's
+    outputs and the screen's integers are the same bits, and the same as the installed build's."""
     x = _logits(n=4, V=5000, seed=3)
     n, V = x.shape
     m = x.amax(-1, keepdim=True).contiguous()
     t = torch.stack([x[:, 9], x.median(-1).values, m[:, 0] - 2], 1).contiguous()
 
+    g = torch.Generator().manual_seed(5)
+    gx, gw, gb = torch.randn(2, 200, generator=g), torch.randn(300, 200, generator=g), torch.randn(300, generator=g)
+    sq = torch.randint(-127, 128, (300, 200), dtype=torch.int8, generator=g)
+    lim = kernels.screen_limit(200)
+    sx = torch.randint(-lim, lim + 1, (2, 200), dtype=torch.int16, generator=g)
+
     def run(lib):
         w, sums, c, z = torch.empty(n, V), torch.empty(n, V // 256), torch.empty(n, 3), torch.empty(n, 3)
         assert lib.nbp_weights(x.data_ptr(), V, m.data_ptr(), w.data_ptr(), V, sums.data_ptr(), 256, t.data_ptr(), 3,
                                c.data_ptr(), z.data_ptr(), n, V) == 0
-        return [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z)]
+        y, acc = torch.empty(2, 300), torch.empty(2, 300, dtype=torch.int32)
+        assert lib.nbp_gemv(gx.data_ptr(), 2, gw.data_ptr(), gb.data_ptr(), y.data_ptr(), 300, 200, 2) == 0
+        assert lib.nbp_screen(sq.data_ptr(), sx.data_ptr(), acc.data_ptr(), 300, 200, 2, 2) == 0
+        return [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z, y, acc)]
 
-    builds = {"-O0": ["-O0"], "-O3": ["-O3"], "-O3 -DNBP_NO_DISPATCH": ["-O3", "-DNBP_NO_DISPATCH"]}
+    builds = {"-O0": ["-O0"], "-O3": ["-O3"], "-O3 -DNBP_NO_DISPATCH": ["-O3", "-DNBP_NO_DISPATCH"],
+              "-O3 -fopenmp": ["-O3", "-fopenmp"]}
     if _cpu_has("avx2"):
         builds["-O3 -mavx2"] = ["-O3", "-mavx2"]
     widths = [wd for wd in (4, 8, 16) if wd <= _widest()]
@@ -187,11 +201,138 @@ def test_every_vector_width_and_build_gives_the_same_bits(tmp_path):
     assert len(got) == (len(builds) - 1) * len(widths) + 1  # every width in every build, width 4 alone without dispatch
     w, sums = torch.empty(n, V), torch.empty(n, V // 256)
     c, z = kernels.weights(x, m, w, sums, 256, t)
-    got["installed"] = [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z)]
+    y, acc = kernels.gemv(gx, gw, gb, threads=3), kernels.screen(sq, sx, threads=3)
+    got["installed"] = [a.numpy().view(np.uint32).copy() for a in (w, sums, c, z, y, acc)]
+    assert torch.equal(acc.long(), sx.long() @ sq.long().T)  # the screen: exact
     first = next(iter(got.values()))
     for k, v in got.items():
-        for name, a, b in zip(("weights", "chunk sums", "counts", "masses"), v, first):
+        for name, a, b in zip(("weights", "chunk sums", "counts", "masses", "gemv", "screen"), v, first):
             assert np.array_equal(a, b), f"{k}: {name} differ from {next(iter(got))}"
+
+
+# ---- the few-row GEMV and the greedy head's screen ---------------------------------------------------------------
+
+
+def _gemv_in_order(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The GEMV's documented order, one float32 operation at a time: 16 lanes (lane l: the products at k = l, l +
+    16, ...), the lanes added in order, then the last K % 16 products, then the bias."""
+    M, K = x.shape
+    N = w.shape[0]
+    f = np.float32
+    xs, ws = x.numpy(), w.numpy()
+    y = np.empty((M, N), dtype=np.float32)
+    whole = K // 16 * 16
+    for m in range(M):
+        for n in range(N):
+            lanes = [f(0)] * 16
+            for k in range(0, whole, 16):
+                for lane in range(16):
+                    lanes[lane] = f(lanes[lane] + f(xs[m, k + lane] * ws[n, k + lane]))
+            s = f(0)
+            for lane in range(16):
+                s = f(s + lanes[lane])
+            for k in range(whole, K):
+                s = f(s + f(xs[m, k] * ws[n, k]))
+            y[m, n] = s if b is None else f(s + b.numpy()[n])
+    return torch.from_numpy(y)
+
+
+@pytest.mark.parametrize("K", [64, 75])
+def test_gemv_sums_in_its_documented_order_at_every_width_and_thread_count(K):
+    g = torch.Generator().manual_seed(K)
+    x, w, b = torch.randn(2, K, generator=g), torch.randn(37, K, generator=g), torch.randn(37, generator=g)
+    want = _gemv_in_order(x, w, b)
+    try:
+        for wd in (4, 8, 16):
+            kernels.width(wd)
+            for threads in (1, 2, 3):
+                assert torch.equal(kernels.gemv(x, w, b, threads), want), (wd, threads)
+        assert torch.equal(kernels.gemv(x, w, None), _gemv_in_order(x, w, None))
+    finally:
+        kernels.width()
+
+
+def test_gemv_is_within_float32_rounding_of_float64():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(2, 512, generator=g), torch.randn(3000, 512, generator=g), torch.randn(3000, generator=g)
+    ref = x.double() @ w.double().T + b.double()
+    # |error| <= gamma_(K+1) sum|x w| + u |b| (any summation order), gamma_n = n u / (1 - n u), u = 2^-24
+    u = 2.0**-24
+    gamma = 513 * u / (1 - 513 * u)
+    bound = gamma * (x.double().abs() @ w.double().abs().T) + u * b.double().abs()
+    err = (kernels.gemv(x, w, b, threads=2).double() - ref).abs()
+    assert (err <= bound).all()
+    assert err.max() > 0  # float32 sums: not the float64 ones
+
+
+def test_screen_is_the_exact_integer_product_at_the_input_limit():
+    """The largest inputs the screen takes give the largest sums: at K = 1536 (the `base` width), 1536 * 127 * 11008
+    is within 2^31 of zero, and the int32 sums must not wrap."""
+    for K in (64, 512, 1536):
+        lim = kernels.screen_limit(K)
+        assert K * 127 * lim < 2**31 <= K * 127 * (lim + 1) or lim == 32767
+        q = torch.full((5, K), 127, dtype=torch.int8)
+        q[1] = -127
+        q[2, ::2] = -127
+        x = torch.full((3, K), lim, dtype=torch.int16)
+        x[1] = -lim
+        g = torch.Generator().manual_seed(K)
+        q[3:] = torch.randint(-127, 128, (2, K), dtype=torch.int8, generator=g)
+        want = x.long() @ q.long().T
+        try:
+            for wd in (4, 8):
+                kernels.width(wd)
+                for threads in (1, 2):
+                    assert torch.equal(kernels.screen(q, x, threads).long(), want), (K, wd, threads)
+        finally:
+            kernels.width()
+        assert want.abs().max() == K * 127 * lim
+
+
+def test_gemv_and_screen_refuse_what_they_cannot_take():
+    with pytest.raises(ValueError, match="gemv takes"):
+        kernels.gemv(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(ValueError, match="gemv takes"):
+        kernels.gemv(torch.randn(2, 8).double(), torch.randn(4, 8).double())
+    with pytest.raises(ValueError, match="screen takes"):
+        kernels.screen(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(2, 8, dtype=torch.int32))
+
+
+@pytest.mark.slow
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path):
+    """setup.py asks for OpenMP first and builds without it where the compiler refuses -fopenmp: the extension is
+    there, unthreaded, and gives the same GEMV bits."""
+    import zipfile
+    from pathlib import Path
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    root = Path(SRC).parents[2]
+    src = tmp_path / "src"
+    shutil.copytree(root / "nbp", src / "nbp", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for f in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / f, src / f)
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP" >&2; exit 1; }}; done\n'
+                       f'exec {cc} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CC": str(wrapper), "LDSHARED": f"{wrapper} -shared"}
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("nbp-*.whl")
+    (so,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
+    lib_path = tmp_path / "k.so"
+    lib_path.write_bytes(zipfile.ZipFile(wheel).read(so))
+    lib = ctypes.CDLL(str(lib_path))
+    lib.nbp_gemv.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    assert lib.nbp_threaded() == 0 and kernels.threaded()
+    x, w = torch.randn(1, 96), torch.randn(200, 96)
+    y = torch.empty(1, 200)
+    assert lib.nbp_gemv(x.data_ptr(), 1, w.data_ptr(), None, y.data_ptr(), 200, 96, 2) == 0
+    assert torch.equal(y, kernels.gemv(x, w, None, threads=2))
 
 
 @pytest.mark.slow

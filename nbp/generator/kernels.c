@@ -1,9 +1,10 @@
 /* The passes of the CPU draw (nbp/generator/sampling.py) over a block of logits, compiled: the weights
-   exp(x - max) with their chunk sums, and the counts and masses above a few thresholds per row. Built at install
-   as the extension nbp.generator._kernels (setup.py, optional: without a C compiler the torch ops run instead) and
-   called through ctypes by nbp/generator/kernels.py.
+   exp(x - max) with their chunk sums, and the counts and masses above a few thresholds per row; and the integer
+   screen of the greedy head (nbp_screen, at the end of the file proper). Built at install as the extension
+   nbp.generator._kernels (setup.py, optional: without a C compiler the torch ops run instead) and called through
+   ctypes by nbp/generator/kernels.py.
 
-   One thread: on two cores, a second thread of ours only contends with torch's OpenMP workers, which spin on the
+   The draw's passes run on one thread: on two cores, a second thread of ours only contends with torch's OpenMP workers, which spin on the
    other core after each of its parallel ops. Every result is the same bits on every CPU:
    - only IEEE-rounded +, -, *, comparisons and exact conversions (the build turns off fused multiply-add
      contraction; no fast-math), and an exp of our own instead of libm's;
@@ -56,7 +57,11 @@ typedef void (*row_fn)(const float *restrict x, float m, float *restrict w, int 
 #undef NBP_TARGET
 #endif
 
-static row_fn row = NULL; /* the width in use: set by nbp_width, at the latest by the first pass */
+typedef void (*gemv_fn)(const float *restrict x, long M, const float *restrict w, const float *restrict b,
+                        float *restrict y, long N, long K, long lo, long hi);
+
+static row_fn row = NULL; /* the width in use: set by nbp_width, at the latest by the first call */
+static gemv_fn gemv = NULL;
 static int width = 0;
 
 static int widest(void) {
@@ -69,14 +74,17 @@ static int widest(void) {
 }
 
 /* The vector width the passes run at: the widest this CPU runs (want = 0), or the widest of at most want floats
-   (4, 8 or 16; the tests compare widths). Returns the width now in use. */
+   (4, 8 or 16; the tests compare widths). The screen runs its AVX2 version at width 8 or more. Returns the width
+   now in use. */
 int nbp_width(int want) {
     int w = widest();
     if (want > 0 && want < w) w = want >= 8 ? 8 : 4;
 #if NBP_X86
     row = w == 16 ? row16 : w == 8 ? row8 : row4;
+    gemv = w == 16 ? gemv16 : w == 8 ? gemv8 : gemv4;
 #else
     row = row4;
+    gemv = gemv4;
 #endif
     width = w;
     return w;
@@ -106,6 +114,95 @@ int nbp_count_mass(const float *x, long xs, const float *w, long ws, const float
     for (long r = 0; r < n; r++)
         row(x + r * xs, 0.0f, (float *)(w + r * ws), 0, NULL, 0, t + r * q, q, c + r * q, z + r * q, V);
     return 0;
+}
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define GEMV_BLOCK 64 /* weight rows a thread takes at a time */
+
+/* y [M, N] = x [M, K] . w [N, K]^T (+ b [N]; NULL: none), every row x and w contiguous, in float: each output the
+   LANES logical lanes of its products summed in one fixed order (the same bits at every width and thread count),
+   the weight's rows split over `threads` threads (1 without OpenMP). For a few rows M: each weight row is read
+   once from memory and used for all of them. Returns 0, or 1 for arguments it refuses. */
+int nbp_gemv(const float *x, long M, const float *w, const float *b, float *y, long N, long K, int threads) {
+    if (M < 0 || N < 0 || K < 1 || threads < 1) return 1;
+    if (!row) nbp_width(0);
+    long blocks = (N + GEMV_BLOCK - 1) / GEMV_BLOCK;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+#endif
+    for (long g = 0; g < blocks; g++)
+        gemv(x, M, w, b, y, N, K, g * GEMV_BLOCK, g * GEMV_BLOCK + GEMV_BLOCK < N ? g * GEMV_BLOCK + GEMV_BLOCK : N);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------- the head screen
+   Integer dot products of int8 weight rows with int16 input rows, for the greedy head (nbp/generator/model.py,
+   HeadScreen): every product and sum is exact in int32 as long as K * 127 * max|x| < 2^31 (the caller scales x
+   so). The loop is plain C; GCC vectorizes it (pmaddwd), once for the baseline target and once for AVX2. Built
+   with OpenMP (setup.py), the rows are split over threads of the OpenMP runtime torch has loaded (the same
+   libgomp.so.1, so the same workers as torch's parallel ops, and no second pool contending with them): one core
+   does not read memory at the rate two do. */
+
+static inline __attribute__((always_inline)) void screen_rows(const int8_t *restrict q, const int16_t *restrict x,
+                                                             int32_t *restrict out, long N, long K, long M, long lo,
+                                                             long hi) {
+    for (long r = lo; r < hi; r++) {
+        const int8_t *restrict qr = q + r * K;
+        for (long m = 0; m < M; m++) {
+            const int16_t *restrict xm = x + m * K;
+            int32_t acc = 0;
+            for (long k = 0; k < K; k++) acc += (int32_t)qr[k] * (int32_t)xm[k];
+            out[m * N + r] = acc;
+        }
+    }
+}
+
+static void screen_base(const int8_t *q, const int16_t *x, int32_t *out, long N, long K, long M, long lo, long hi) {
+    screen_rows(q, x, out, N, K, M, lo, hi);
+}
+#if NBP_X86
+__attribute__((target("avx2"))) static void screen_avx2(const int8_t *q, const int16_t *x, int32_t *out, long N,
+                                                        long K, long M, long lo, long hi) {
+    screen_rows(q, x, out, N, K, M, lo, hi);
+}
+#endif
+
+#define SCREEN_BLOCK 256 /* rows a thread takes at a time */
+
+/* out [M, N] = x [M, K] . q [N, K]^T in int32, the rows of q split over `threads` threads (1 without OpenMP).
+   Returns 0, or 1 for arguments it refuses. */
+int nbp_screen(const int8_t *q, const int16_t *x, int32_t *out, long N, long K, long M, int threads) {
+    if (N < 0 || K < 1 || M < 0 || threads < 1) return 1;
+    if (!row) nbp_width(0);
+    int avx2 = width >= 8;
+    long blocks = (N + SCREEN_BLOCK - 1) / SCREEN_BLOCK;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+#endif
+    for (long b = 0; b < blocks; b++) {
+        long lo = b * SCREEN_BLOCK, hi = lo + SCREEN_BLOCK < N ? lo + SCREEN_BLOCK : N;
+#if NBP_X86
+        if (avx2) {
+            screen_avx2(q, x, out, N, K, M, lo, hi);
+            continue;
+        }
+#endif
+        screen_base(q, x, out, N, K, M, lo, hi);
+    }
+    (void)avx2;
+    return 0;
+}
+
+/* Whether this build splits work over threads (OpenMP). */
+int nbp_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* The module itself has no functions: nbp/generator/kernels.py loads this file with ctypes. */
@@ -215,6 +312,26 @@ NBP_TARGET static void FN(row)(const float *restrict x, float m, float *restrict
             for (int l = 0; l < NBP_W; l++) n += cnt[j][g][l];
         c[j] = (float)n;
         z[j] = (float)(total[j] + tail);
+    }
+}
+
+/* Rows lo..hi-1 of y [M, N] = x [M, K] . w [N, K]^T (+ b): logical lane l of an output sums the products at
+   k = l, l + LANES, ..., the lanes are added in one order, then the K % LANES last products, then the bias. */
+NBP_TARGET static void FN(gemv)(const float *restrict x, long M, const float *restrict w, const float *restrict b,
+                                float *restrict y, long N, long K, long lo, long hi) {
+    long whole = K / LANES * LANES;
+    for (long n = lo; n < hi; n++) {
+        const float *restrict wr = w + n * K;
+        for (long m = 0; m < M; m++) {
+            const float *restrict xm = x + m * K;
+            VF acc[G];
+            for (int g = 0; g < G; g++) acc[g] = (VF){0};
+            for (long k = 0; k < whole; k += LANES)
+                for (int g = 0; g < G; g++) acc[g] += *(const VFU *)(wr + k + g * NBP_W) * *(const VFU *)(xm + k + g * NBP_W);
+            float s = FN(lane_sum)(acc);
+            for (long k = whole; k < K; k++) s += wr[k] * xm[k];
+            y[m * N + n] = b ? s + b[n] : s;
+        }
     }
 }
 

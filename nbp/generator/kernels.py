@@ -1,4 +1,5 @@
-"""The compiled passes of the CPU draw (``kernels.c`` beside this file), called through ctypes.
+"""The compiled passes of the CPU draw and the greedy head's integer screen (``kernels.c`` beside this file), called
+through ctypes.
 
 ``pip install`` builds ``kernels.c`` into the extension ``nbp.generator._kernels`` (``setup.py``; the build is
 optional, so an install without a C compiler still works). Where it is built, :mod:`nbp.generator.sampling` uses it
@@ -7,6 +8,9 @@ above the first thresholds, in one pass, and the counts and masses above later t
 ``NBP_KERNELS=0`` in the environment, or inside :func:`torch_ops`, torch ops do the same. Both give exactly the
 filter's draw; their weights differ in the last bits, so a seeded draw can differ between the two. The compiled
 passes give the same bits on every CPU and at every vector width (``kernels.c`` says how).
+
+:func:`screen` is the integer matmul behind the greedy head's screen (:class:`nbp.generator.model.HeadScreen`):
+exact, so its result is the same everywhere; without the extension the screen is not used.
 """
 
 from __future__ import annotations
@@ -35,18 +39,32 @@ def _lib() -> ctypes.CDLL | None:
         return None
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
         return None
-    lib = ctypes.CDLL(spec.origin)
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:  # built, but a library it needs (the OpenMP runtime) is missing here
+        return None
     P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.nbp_weights.argtypes = [P, L, P, P, L, P, L, P, I, P, P, L, L]
     lib.nbp_count_mass.argtypes = [P, L, P, L, P, I, P, P, L, L]
     lib.nbp_width.argtypes = [I]
-    lib.nbp_weights.restype = lib.nbp_count_mass.restype = lib.nbp_width.restype = I
+    lib.nbp_screen.argtypes = [P, P, P, L, L, L, I]
+    lib.nbp_threaded.argtypes = []
+    lib.nbp_gemv.argtypes = [P, L, P, P, P, L, L, I]
+    lib.nbp_gemv.restype = I
+    lib.nbp_threaded.restype = I
+    lib.nbp_weights.restype = lib.nbp_count_mass.restype = lib.nbp_width.restype = lib.nbp_screen.restype = I
     return lib
 
 
 def built() -> bool:
     """Is the extension built (whatever the switches say)?"""
     return _lib() is not None
+
+
+def compiled() -> bool:
+    """Is the extension built and not switched off (``NBP_KERNELS=0``)? The linears' and the greedy head's kernels
+    follow this; the draw's passes follow :func:`enabled`."""
+    return os.environ.get(ENV, "1") != "0" and built()
 
 
 def enabled() -> bool:
@@ -128,3 +146,48 @@ def count_mass(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch
     _check(_lib().nbp_count_mass(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), t.data_ptr(), q, c.data_ptr(),
                                  z.data_ptr(), n, V), "nbp_count_mass")
     return c, z
+
+
+def screen_limit(K: int) -> int:
+    """The largest |x| :func:`screen` takes for inputs of K columns: every dot product of int8 weights (at most 127
+    in size) with such int16 inputs stays exact in int32."""
+    return min(32767, (2**31 - 1) // (127 * K))
+
+
+def threaded() -> bool:
+    """Was the extension built with OpenMP (:func:`screen` splits its rows over threads)?"""
+    return bool(_lib().nbp_threaded())
+
+
+def screen(q: torch.Tensor, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """x [M, K] int16 . q [N, K]^T int8 -> [M, N] int32, exact (|q| <= 127, |x| <= :func:`screen_limit` (K)), the
+    rows of q split over ``threads`` threads of torch's OpenMP pool (where :func:`threaded`)."""
+    N, K = q.shape
+    M = x.shape[0]
+    if not (q.dtype == torch.int8 and x.dtype == torch.int16 and q.is_contiguous() and x.is_contiguous()
+            and x.dim() == 2 and x.shape[1] == K and q.device.type == x.device.type == "cpu"):
+        raise ValueError(f"screen takes contiguous CPU int8 [N, K] and int16 [M, K], not {q.dtype} {list(q.shape)} "
+                         f"and {x.dtype} {list(x.shape)}")
+    out = torch.empty(M, N, dtype=torch.int32)
+    _check(_lib().nbp_screen(q.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, M,
+                             max(1, int(threads))), "nbp_screen")
+    return out
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
+    """x [M, K] . w [N, K]^T (+ b [N]) -> [M, N], float32 on the CPU, for a few rows M: each weight row read once
+    for all of them, the rows of w split over ``threads`` threads of torch's OpenMP pool (where :func:`threaded`).
+    Every output sums its products in 16 lanes (k mod 16) added in one fixed order: the same bits at every vector
+    width and thread count, but not the bits of torch's matmul."""
+    M, K = x.shape
+    N = w.shape[0]
+    ok = (x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu" and x.is_contiguous()
+          and w.is_contiguous() and w.dim() == 2 and w.shape[1] == K
+          and (b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.shape == (N,))))
+    if not ok:
+        raise ValueError(f"gemv takes contiguous CPU float32 x [M, K], w [N, K] and b [N], not {list(x.shape)} "
+                         f"{x.dtype}, {list(w.shape)} {w.dtype}, {None if b is None else list(b.shape)}")
+    y = torch.empty(M, N)
+    _check(_lib().nbp_gemv(x.data_ptr(), M, w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N, K,
+                           max(1, int(threads))), "nbp_gemv")
+    return y
