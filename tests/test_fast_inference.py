@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from nbp.generator import kernels
 from nbp.generator import model as M
 from nbp.generator import sampling as S
 from nbp.generator.layout import BlockLayout, TaskLayout
@@ -54,7 +55,7 @@ def _f64_logits(m, ids, vocab=None):
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("L", [1, 7, 40])  # one row, a decode block and a prefill (oneDNN; MKL for one row without it)
+@pytest.mark.parametrize("L", [1, 2, 7, 40])  # one and two rows (the compiled GEMV), a decode block and a prefill
 def test_fast_logits_match_plain_and_float64(L):
     m = _model(500)
     ids = torch.randint(0, 500, (1, L), generator=torch.Generator().manual_seed(L))
@@ -68,13 +69,17 @@ def test_fast_logits_match_plain_and_float64(L):
     assert (fast.double() - ref).abs().max() < TOL
     assert torch.equal(fast, again)
     kinds = {k[0] for k, e in m.head.pack.packs.items() if e[1] is not None}
-    want = {"dnnl"} if HAVE_DNNL else ({"mkl"} if L == 1 and HAVE_MKL else set())
-    assert kinds == want  # the packed kernel of the rule ran (where this torch build has it)
+    if L <= M.GEMV_ROWS and kernels.compiled():
+        want = {"gemv"}
+    else:
+        want = {"dnnl"} if HAVE_DNNL else ({"mkl"} if L == 1 and HAVE_MKL else set())
+    assert kinds == want  # the kernel of the rule ran (where this build has it)
 
 
 @pytest.mark.skipif(not HAVE_MKL, reason="this torch build has no MKL packed sgemm")
 def test_one_row_linears_take_mkl_where_onednn_is_missing(monkeypatch):
     monkeypatch.setattr(M, "_HAVE_DNNL", False)
+    monkeypatch.setattr(M, "GEMV_ROWS", 0)  # and the compiled GEMV
     assert (M.pack_kind(1), M.pack_kind(7)) == ("mkl", "dnnl")
     m = _model(500)
     ids = torch.randint(0, 500, (1, 1), generator=torch.Generator().manual_seed(3))
@@ -92,7 +97,7 @@ def test_head_over_a_vocabulary_span_is_that_slice_of_the_full_head():
     with torch.no_grad():
         full = m(ids)
         part = m(ids, vocab=(123, 456))
-        one = m(ids[:1], last=1, vocab=(123, 456))  # one row: the MKL kind
+        one = m(ids[:1], last=1, vocab=(123, 456))  # one row: the compiled GEMV (oneDNN or MKL without it)
         with M.plain_linears():
             plain_part = m(ids, vocab=(123, 456))
     assert part.shape == (2, 9, 333) and one.shape == (1, 1, 333)
@@ -133,6 +138,8 @@ def test_greedy_generation_is_token_identical_to_the_plain_path(mode):
     assert not m.packs()  # fast=False attaches nothing
     fast = S.generate(m, task, prompt, **kw)
     assert m.packs() and any(p.packs for p in m.packs())  # the fast path ran
+    if mode == "ntp" and kernels.compiled():
+        assert m.head.screen.rows > 0  # two rows a step: the screened head picked them
     assert torch.equal(fast, plain)
     assert torch.get_num_threads() == threads  # the narrow decode threads are restored
     again = S.generate(m, task, prompt, fast=False, **kw)  # packs attached, fast=False: plain linears again
@@ -167,7 +174,7 @@ def test_generation_raising_midway_restores_the_thread_count(monkeypatch):
     orig = S.sample_logits
     monkeypatch.setattr(S, "sample_logits", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        S.generate(m, task, _prompt(task), greedy=True)
+        S.generate(m, task, _prompt(task), top_k=5)
     assert calls == [threads, 1] and torch.get_num_threads() == threads
 
 
@@ -225,6 +232,7 @@ def test_training_and_other_dtypes_never_use_the_packs():
 def test_missing_ops_fall_back_to_f_linear(monkeypatch):
     monkeypatch.setitem(M.PACKERS, "mkl", lambda w, rows: None)
     monkeypatch.setitem(M.PACKERS, "dnnl", lambda w, rows: None)
+    monkeypatch.setitem(M.PACKERS, "gemv", lambda w, rows: None)
     m = _model(300)
     task = _task(**MODES["nbp"], vocab=m.config.vocab_size)
     for L in (1, 5):
@@ -264,7 +272,8 @@ def test_an_op_that_refuses_an_input_falls_back_and_stays_plain(monkeypatch):
 
 
 def test_wide_linears_run_on_the_outer_threads(monkeypatch):
-    """Inside decode_threads the small linears run on one thread and those over WIDE_MIN_BYTES on the outer count."""
+    """Inside decode_threads the small linears run on one thread and those over WIDE_MIN_BYTES (GEMV_WIDE_BYTES for the
+    compiled GEMV) on the outer count."""
     seen = []
     orig = M._run_packed
 
@@ -274,6 +283,7 @@ def test_wide_linears_run_on_the_outer_threads(monkeypatch):
 
     monkeypatch.setattr(M, "_run_packed", spy)
     monkeypatch.setattr(M, "WIDE_MIN_BYTES", 300 * 64 * 4)  # the head [300, 64] is wide, the blocks are not
+    monkeypatch.setattr(M, "GEMV_WIDE_BYTES", 300 * 64 * 4)  # (two rows: the compiled GEMV's rule, where built)
     monkeypatch.setattr(M, "WIDE_MIN_FLOPS", 1e30)
     m = _model(300).fast_cpu()
     outer = torch.get_num_threads()
@@ -309,3 +319,83 @@ def test_the_draw_of_large_logits_runs_on_the_outer_threads(monkeypatch, wide):
     assert seen[0] == outer  # the prefill's draw: decode_threads not yet entered
     assert set(seen[1:]) == ({outer} if wide else {1})
     assert torch.get_num_threads() == outer
+
+
+# ---- the greedy head's screen ---------------------------------------------------------------------------------
+
+needs_kernels = pytest.mark.skipif(not kernels.compiled(), reason="the screen needs nbp.generator._kernels")
+
+
+def _head_model(V=3000, C=64, scale=0.02, seed=0):
+    torch.manual_seed(seed)
+    m = M.GPT(M.GPTConfig(vocab_size=V, n_positions=16, n_layer=1, n_head=4, n_embd=C)).eval()
+    with torch.no_grad():
+        m.head.weight.normal_(0, scale)
+    return m.fast_cpu()
+
+
+def _f64_argmax(m, h, span):
+    return (h.double() @ m.head.weight[span[0]:span[1]].double().T).argmax(-1)  # the first of equal ones
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 50.0])
+def test_screened_greedy_head_is_the_float64_argmax(scale):
+    """Hidden rows from tiny to large, one with an outlier column (a coarse int16 scale for that row), the whole
+    vocabulary or a span of it: the screen's pick is the argmax of the float64 logits."""
+    m = _head_model()
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        h = torch.randn(2, 3, 64, generator=g) * scale  # [B, n, C]: 6 rows <= SCREEN_ROWS
+        h[0, 0, :3] *= 40
+        span = (0, 3000) if trial % 2 else (17, 2900)
+        with torch.no_grad():
+            got = m.greedy_ids(h, span)
+        assert got.shape == (2, 3) and torch.equal(got, _f64_argmax(m, h, span))
+    screen = m.head.screen
+    assert screen.rows == 20 * 6
+    assert screen.rows <= screen.rescored < 0.05 * screen.rows * 3000  # a few candidates a row, not the vocabulary
+
+
+@needs_kernels
+def test_screen_breaks_ties_as_argmax_and_sees_below_float32_rounding():
+    """Equal rows: the first index, as argmax. Two rows whose logits differ by far less than float32 rounding: the
+    larger one in float64, which the fp32 logits cannot tell apart. A zero hidden state: every logit is 0, id 0."""
+    m = _head_model()
+    w = m.head.weight
+    with torch.no_grad():
+        w[2000] = w[1500]
+        h = (100 * w[1500]).view(1, 1, 64)
+        assert int(m.greedy_ids(h)[0, 0]) == 1500  # 1500 and 2000 tie exactly: the first
+        base = w[500].clone()
+        h = (100 * base).view(1, 1, 64)
+        w[700] = base
+        w[700, 0] = torch.nextafter(base[0], torch.tensor(float("inf")) * torch.sign(h[0, 0, 0]))
+        e = h[0, 0].double() @ w[[500, 700]].double().T
+        assert 0 < float(e[1] - e[0]) < 1e-6 * float(e[0])  # below fp32 resolution of the logit
+        fp32 = M.linear(m.head, h)[0, 0]
+        assert fp32[500] == fp32[700] and int(fp32.argmax()) == 500  # the fp32 logits tie: the first
+        assert int(m.greedy_ids(h)[0, 0]) == 700 == int(_f64_argmax(m, h[0], (0, 3000))[0])
+        assert int(m.greedy_ids(torch.zeros(1, 1, 64))[0, 0]) == 0
+
+
+@needs_kernels
+def test_screen_follows_weight_changes_and_falls_back_where_it_cannot_bound():
+    m = _head_model()
+    h = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = int(m.greedy_ids(h)[0, 0])
+        m.head.weight[123] = 10 * h[0, 0]  # in place: the int8 copy is rebuilt
+        assert int(m.greedy_ids(h)[0, 0]) == 123 != first
+        rows = m.head.screen.rows
+        bad = h.clone()
+        bad[0, 0, 5] = float("inf")
+        assert torch.equal(m.greedy_ids(bad), M.linear(m.head, bad).argmax(-1))  # not finite: the fp32 logits
+        big = torch.randn(1, M.SCREEN_ROWS + 1, 64)
+        assert torch.equal(m.greedy_ids(big), M.linear(m.head, big).argmax(-1))  # too many rows: not screened
+        assert m.head.screen.rows == rows
+        m.head.weight[7, 3] = float("nan")
+        assert torch.equal(m.greedy_ids(h), M.linear(m.head, h).argmax(-1))
+        with M.plain_linears():
+            m.greedy_ids(h)
+    assert m.head.screen.rows == rows  # none of these went through the screen

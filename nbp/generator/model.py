@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nbp.generator import kernels
+
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - older torch: dense masks only
@@ -133,12 +135,14 @@ def plain_linears():
 WIDE_THREADS = 0  # > 0 inside decode_threads(): the thread count for the linears worth parallelizing
 WIDE_MIN_BYTES = 32 << 20  # weights of at least this many bytes (the L3 size here) stream from memory: more cores
 WIDE_MIN_FLOPS = 256e6  # or matmuls of at least this much work (~3 ms of one core)
+WIDE_ATTN_BYTES = 1 << 20  # attention over keys and values of at least this many bytes (read from memory)
 
 
 @contextlib.contextmanager
 def decode_threads(threads: int = 1):
     """Run small ops on ``threads`` threads, and the wide linears (:data:`WIDE_MIN_BYTES`,
-    :data:`WIDE_MIN_FLOPS`) on the thread count set before. A parallel region costs microseconds on idle cores
+    :data:`WIDE_MIN_FLOPS`, :data:`GEMV_WIDE_BYTES`) and attention over a long cache (:data:`WIDE_ATTN_BYTES`) on
+    the thread count set before. A parallel region costs microseconds on idle cores
     but up to a scheduler tick (4 ms) when other work shares them, far more than the work of a decode step's
     small ops (layer norms, GELU, one block's attention: tens of microseconds); see results/speed.md."""
     global WIDE_THREADS
@@ -182,30 +186,45 @@ def _dnnl_packed(w: torch.Tensor, rows: int):
     return torch.ops.mkldnn._reorder_linear_weight(w, rows)
 
 
-PACKERS = {"mkl": _mkl_packed, "dnnl": _dnnl_packed}
+def _gemv_weight(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """The weight itself: :func:`nbp.generator.kernels.gemv` reads it as it is."""
+    return w
+
+
+PACKERS = {"mkl": _mkl_packed, "dnnl": _dnnl_packed, "gemv": _gemv_weight}
 _HAVE_DNNL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+GEMV_ROWS = 2  # inputs of at most this many rows go through the compiled GEMV (where it is built)
+GEMV_WIDE_BYTES = 1 << 20  # and weights of at least this many bytes through it on all threads
 
 
 def pack_kind(rows: int) -> str:
     """The matmul for an fp32 CPU linear of ``rows`` input rows (a fixed rule from the measurements in
-    results/speed.md, so that a machine always runs the same kernels): oneDNN's reordered weight, for any row
-    count; MKL's packed sgemm for one row only where this build has no oneDNN (plain ``F.linear`` takes MKL's
-    sgemv path, which reads the weight at a fraction of the bandwidth)."""
+    results/speed.md, so that a machine always runs the same kernels): the compiled GEMV for up to
+    :data:`GEMV_ROWS` rows where it is built (:func:`nbp.generator.kernels.compiled`; it reads the weight at the
+    rate a plain sum does); oneDNN's reordered weight otherwise; MKL's packed sgemm for one row only where this
+    build has neither (plain ``F.linear`` takes MKL's sgemv path, which reads the weight at a fraction of the
+    bandwidth)."""
+    if rows <= GEMV_ROWS and kernels.compiled():
+        return "gemv"
     return "dnnl" if rows > 1 or _HAVE_DNNL else "mkl"
 
 
 def pack_rows(kind: str, rows: int) -> int:
     """The row count a pack is laid out for (0: the input's own): MKL's packs serve exactly their row count;
     oneDNN keeps one pack for a decode step's rows (1 to 64, laid out for 16) and one for longer inputs (a
-    prefill)."""
+    prefill); the GEMV reads the weight itself."""
     if kind == "mkl":
         return rows
+    if kind == "gemv":
+        return 0
     return 16 if rows <= 64 else 0
 
 
 def _run_packed(kind: str, x: torch.Tensor, packed, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     if kind == "mkl":
         return torch.ops.mkl._mkl_linear(x, packed, w, b, x.shape[0])
+    if kind == "gemv":
+        return kernels.gemv(x, packed, b, torch.get_num_threads())
     return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
@@ -248,7 +267,8 @@ class LinearPack:
                 packed = None
             entry = self.packs[slot] = (key, packed, ws, bs)
         _, packed, ws, bs = entry
-        with wide_threads(ws.numel() * 4 >= WIDE_MIN_BYTES or 2 * M * ws.numel() >= WIDE_MIN_FLOPS):
+        wide = ws.numel() * 4 >= (GEMV_WIDE_BYTES if kind == "gemv" else WIDE_MIN_BYTES) or 2 * M * ws.numel() >= WIDE_MIN_FLOPS
+        with wide_threads(wide):
             y = None
             if packed is not None:
                 try:
@@ -258,6 +278,86 @@ class LinearPack:
             if y is None:
                 y = F.linear(x2, ws, bs)  # [M, hi-lo]
         return y.view(*lead, hi - lo)  # [..., hi-lo]
+
+
+SCREEN_ROWS = 8  # greedy rows (batch x positions) up to which the head is screened: below the machine balance
+# (FLOPs per byte of sgemm over memory), an fp32 head of so few rows is bound by reading its weight
+SCREEN_SLACK = 1e-6  # relative slack on the screen's error bound (for the float64 rounding of its inputs)
+
+
+class HeadScreen:
+    """The greedy head of a few rows without its full fp32 logits: the argmax over the head's outputs lo:hi of
+    hidden rows h, reading an int8 copy of the weight (a quarter of its bytes) and then a few fp32 rows.
+
+    An int8 copy q (per-row scales s, |q| <= 127) and, per call, an int16 copy of each hidden row (one scale,
+    :func:`nbp.generator.kernels.screen_limit`) give every logit's *screen value* a_j = x^ . w^_j exactly (integer
+    dot products, :func:`nbp.generator.kernels.screen`, scaled in float64). With the exact logit e_j = x . w_j,
+
+        |e_j - a_j| <= ||x - x^|| max_i ||w_i|| + ||x^|| max_i ||w^_i - w_i|| = B   (Cauchy-Schwarz),
+
+    so the largest logit lies among the *candidates* a_j >= max a - 2B, and those are scored again in float64
+    from the fp32 weight rows: the result is the argmax of the logits in float64 (the first of equal ones), which
+    fp32 logits approximate (they agree unless the two largest are within fp32 rounding of each other). Built
+    per span on first use, rebuilt when the weight changes; never in the state dict; pickling drops it.
+    ``rows`` and ``rescored`` count the rows screened and the candidates scored again (for the benchmarks)."""
+
+    def __init__(self):
+        self.spans: dict = {}  # (lo, hi) -> (weight key, q, s, max row norm, max quantization error norm)
+        self.rows = self.rescored = 0
+
+    def __getstate__(self) -> dict:
+        return {"spans": {}, "rows": 0, "rescored": 0}
+
+    def clear(self) -> None:
+        self.spans.clear()
+
+    @staticmethod
+    def quantize(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """w [N, K] -> (q int8 [N, K], s float64 [N], max_j ||w_j||, max_j ||s_j q_j - w_j||), q = round(w / s),
+        s_j = max|w_j| / 127 (1 for a zero row); the norms in float64, ``chunk`` rows at a time."""
+        N, K = w.shape
+        q, s = torch.empty(N, K, dtype=torch.int8), torch.empty(N, dtype=torch.float64)
+        wmax = rmax = 0.0
+        for a in range(0, N, chunk):
+            w64 = w[a:a + chunk].detach().double()  # [n, K]
+            amax = w64.abs().amax(1)  # [n]
+            sc = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # [n]
+            qc = torch.round(w64 / sc[:, None])  # [n, K], |qc| <= 127
+            q[a:a + chunk], s[a:a + chunk] = qc.to(torch.int8), sc
+            wmax = max(wmax, float(w64.norm(dim=1).max()))
+            rmax = max(rmax, float((qc * sc[:, None] - w64).norm(dim=1).max()))
+        return q, s, wmax, rmax
+
+    def __call__(self, h: torch.Tensor, w: torch.Tensor, span: tuple[int, int] | None, threads: int) -> torch.Tensor | None:
+        """h [R, K] fp32 -> the argmax over ``w[lo:hi]`` of each row's logits [R] (long, counted from lo); None
+        where the screen does not apply (a weight or hidden value that is not finite)."""
+        lo, hi = span if span is not None else (0, w.shape[0])
+        key = (w.data_ptr(), w._version, w.shape)
+        entry = self.spans.get((lo, hi))
+        if entry is None or entry[0] != key:
+            ws = w[lo:hi].detach()  # [N, K]
+            ok = bool(torch.isfinite(ws).all())
+            entry = self.spans[(lo, hi)] = (key, ws, *(self.quantize(ws) if ok else (None,) * 4))
+        _, ws, q, s, wmax, rmax = entry
+        if q is None or not bool(torch.isfinite(h).all()):
+            return None
+        R, K = h.shape
+        x = h.double()  # [R, K]
+        sx = x.abs().amax(1, keepdim=True) / kernels.screen_limit(K)  # [R, 1]
+        sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+        xq = torch.round(x / sx)  # [R, K], |xq| <= screen_limit(K)
+        xh = xq * sx  # [R, K]: x^
+        dx, nx = (x - xh).norm(dim=1), xh.norm(dim=1)  # [R] each
+        a = kernels.screen(q, xq.to(torch.int16), threads).double() * s[None] * sx  # [R, N]: x^ . w^_j
+        bound = (dx * wmax + nx * rmax) * (1 + SCREEN_SLACK) + 1e-12 * nx * (wmax + rmax)  # [R]: B, with rounding
+        cut = a.amax(1) - 2 * bound  # [R]
+        ids = torch.empty(R, dtype=torch.long)
+        for r in range(R):
+            cand = (a[r] >= cut[r]).nonzero()[:, 0]  # [n] ascending
+            ids[r] = cand[(ws[cand].double() @ x[r]).argmax()]  # the first of equal float64 logits
+            self.rescored += cand.numel()
+        self.rows += R
+        return ids
 
 
 def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, pack: LinearPack | None,
@@ -353,7 +453,8 @@ class SelfAttention(nn.Module):
                 k, v = cache.write(layer, start, k, v)  # [B, nh, max_len, hs]
             else:
                 k, v = cache.update(layer, start, k, v)  # [B, nh, start+L, hs]
-        y = attend(q, k, v, mask)  # [B, nh, L, hs]
+        with wide_threads(2 * k.numel() * k.element_size() >= WIDE_ATTN_BYTES):
+            y = attend(q, k, v, mask)  # [B, nh, L, hs]
         y = y.transpose(1, 2).reshape(B, L, C)  # [B, L, C]
         return self.resid_drop(linear(self.proj, y))
 
@@ -433,13 +534,18 @@ class GPT(nn.Module):
     def fast_cpu(self, enabled: bool = True) -> GPT:
         """Attach (or drop) packed copies of every block linear and of the head for fp32 CPU inference
         (:class:`LinearPack`: built on first use per input row count, rebuilt when a weight changes, never in
-        the state dict). Forwards without gradient on CPU in fp32 then use them; training, other dtypes and
-        devices keep ``F.linear``. Idempotent."""
+        the state dict), and the head's greedy screen (:class:`HeadScreen`, used by :meth:`greedy_ids`). Forwards
+        without gradient on CPU in fp32 then use them; training, other dtypes and devices keep ``F.linear``.
+        Idempotent."""
         for m, attr in self._pack_slots():
             if not enabled:
                 m.__dict__.pop(attr, None)
             elif m.__dict__.get(attr) is None:
                 setattr(m, attr, LinearPack())
+        if not enabled:
+            self.head.__dict__.pop("screen", None)
+        elif self.head.__dict__.get("screen") is None:
+            self.head.screen = HeadScreen()
         return self
 
     def packs(self) -> list[LinearPack]:
@@ -450,6 +556,8 @@ class GPT(nn.Module):
         out = super()._apply(fn, recurse)
         for p in self.packs():  # a move or cast: the packed copies are of the old weights
             p.clear()
+        if (screen := self.head.__dict__.get("screen")) is not None:
+            screen.clear()
         return out
 
     def num_params(self, embeddings: bool = True) -> int:
@@ -470,20 +578,37 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, mask=None, *, cache: KVCache | None = None, start: int = 0,
                 uncond: torch.Tensor | None = None, last: int | None = None,
-                vocab: tuple[int, int] | None = None) -> torch.Tensor:
+                vocab: tuple[int, int] | None = None, hidden: bool = False) -> torch.Tensor:
         """idx [B, L] ids at positions start..start+L-1 -> logits [B, L, V].
 
         mask: bool [L, start+L] (True = may attend), a FlexAttention BlockMask, or None (full attention).
         uncond: bool [B], rows that get the unconditional embedding on the condition positions.
         last: only the last ``last`` positions go through the head (sampling) -> logits [B, last, V].
         vocab: (lo, hi), only vocabulary ids lo..hi-1 go through the head (sampling) -> logits [..., hi-lo].
+        hidden: return the head's input (``ln_f``'s output) [B, L or last, C] instead (for :meth:`greedy_ids`).
         """
         x = self.drop(self.embed(idx, start, uncond))
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i, start)
         if last is not None:
             x = x[:, -last:]  # [B, last, C]
-        return linear(self.head, self.ln_f(x), vocab)
+        x = self.ln_f(x)
+        return x if hidden else linear(self.head, x, vocab)
+
+    def greedy_ids(self, h: torch.Tensor, vocab: tuple[int, int] | None = None) -> torch.Tensor:
+        """The head's argmax for hidden states h [B, n, C] (``forward(..., hidden=True)``) -> [B, n] (among
+        vocabulary ids lo..hi-1, counted from lo, with ``vocab``). In fp32 CPU inference with :meth:`fast_cpu` and
+        the compiled kernels, for at most :data:`SCREEN_ROWS` rows: through the head's :class:`HeadScreen` (the
+        argmax of the logits in float64); otherwise the argmax of the fp32 logits."""
+        B, n, C = h.shape
+        screen = self.head.__dict__.get("screen")
+        if (screen is not None and B * n <= SCREEN_ROWS and not PLAIN and not torch.is_grad_enabled()
+                and h.device.type == "cpu" and h.dtype == self.head.weight.dtype == torch.float32
+                and kernels.compiled() and not torch.compiler.is_compiling()):
+            ids = screen(h.reshape(B * n, C), self.head.weight, vocab, WIDE_THREADS or torch.get_num_threads())
+            if ids is not None:
+                return ids.view(B, n)  # [B, n]
+        return linear(self.head, h, vocab).argmax(dim=-1)  # [B, n]
 
     def static_step(self, idx: torch.Tensor, start: torch.Tensor, cache: KVCache, last: int | None = None,
                     vocab: tuple[int, int] | None = None) -> torch.Tensor:

@@ -784,20 +784,21 @@ def step_mask(task: TaskLayout, start: int, length: int, device=None, bid: list[
 
 
 def prefill(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, uncond: torch.Tensor | None = None,
-            last: int | None = None, vocab: tuple[int, int] | None = None) -> torch.Tensor:
+            last: int | None = None, vocab: tuple[int, int] | None = None, hidden: bool = False) -> torch.Tensor:
     """Run the prompt [B, P] once into the cache -> logits [B, P, V] (or of its ``last`` positions only;
-    ``vocab`` (lo, hi): of those vocabulary ids only)."""
+    ``vocab`` (lo, hi): of those vocabulary ids only; ``hidden``: the head's input [B, P or last, C] instead)."""
     mask = task.dense_mask(ids.shape[1], device=ids.device)
-    return model(ids, mask, cache=cache, start=0, uncond=uncond, last=last, vocab=vocab)
+    return model(ids, mask, cache=cache, start=0, uncond=uncond, last=last, vocab=vocab, hidden=hidden)
 
 
 def decode_step(model: GPT, task: TaskLayout, ids: torch.Tensor, cache: KVCache, start: int,
                 uncond: torch.Tensor | None = None, last: int | None = None, bid: list[int] | None = None,
-                vocab: tuple[int, int] | None = None) -> torch.Tensor:
+                vocab: tuple[int, int] | None = None, hidden: bool = False) -> torch.Tensor:
     """Feed ids [B, n] at positions start..start+n-1: they attend to the cache and to each other -> logits [B, n, V]
-    (or of the ``last`` positions only; ``vocab``: of vocabulary ids lo..hi-1 only). ``bid``: see :func:`step_mask`."""
+    (or of the ``last`` positions only; ``vocab``: of vocabulary ids lo..hi-1 only; ``hidden``: the head's input
+    [B, n or last, C] instead). ``bid``: see :func:`step_mask`."""
     mask = step_mask(task, start, ids.shape[1], ids.device, bid)
-    return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last, vocab=vocab)
+    return model(ids, mask, cache=cache, start=start, uncond=uncond, last=last, vocab=vocab, hidden=hidden)
 
 
 class StaticDecoder:
@@ -884,6 +885,8 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
     on CPU the model's linears get packed copies (:meth:`GPT.fast_cpu`, attached to the model and kept for
     later calls; fp32 stays fp32) and the decode steps after the prefill run their small ops on one thread
     (:func:`nbp.generator.model.decode_threads`); ``fast=False`` runs plain ``F.linear`` even where packs are attached.
+    Greedy steps without guidance take their ids from :meth:`GPT.greedy_ids` (on the fast CPU path, for a few rows:
+    the screened head, the argmax of the logits in float64; elsewhere the argmax of the fp32 logits).
     """
     prefix_ids = prefix_ids.long()
     Bsz, dev = prefix_ids.shape[0], prefix_ids.device
@@ -921,18 +924,24 @@ def generate(model: GPT, task: TaskLayout, prefix_ids: torch.Tensor, max_new_tok
                 stack.enter_context(decode_threads(NARROW_THREADS))
             x = feed.repeat(2, 1) if guided else feed  # [rows, n]
             n = p.groups[s]  # the last n fed positions predict the next group
+            use_static = s > 0 and static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]
+            head = greedy and not guided and not use_static  # the model's greedy head picks from the hidden states
             if s == 0:
-                logits = prefill(model, task, x, cache, uncond, last=n, vocab=(lo, hi))  # [rows, n, V_video]
-            elif static is not None and pos >= task.cond_len and bid[pos] == bid[pos + x.shape[1] - 1]:
-                logits = static(x, pos, last=n)  # a whole block: no mask inside it
+                out_s = prefill(model, task, x, cache, uncond, last=n, vocab=(lo, hi), hidden=head)
+            elif use_static:
+                out_s = static(x, pos, last=n)  # a whole block: no mask inside it
             else:
-                logits = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid, vocab=(lo, hi))
+                out_s = decode_step(model, task, x, cache, pos, uncond, last=n, bid=bid, vocab=(lo, hi), hidden=head)
             pos += feed.shape[1]
-            if guided:
-                logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
-            with wide_threads(logits.numel() >= WIDE_DRAW):  # the draw's passes over the logits
-                new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    generator=generator) + lo  # [B, n]
+            if head:
+                new = model.greedy_ids(out_s, (lo, hi)) + lo  # [B, n], from the hidden states [B, n, C]
+            else:
+                logits = out_s  # [rows, n, V_video]
+                if guided:
+                    logits = cfg_combine(logits, cfg_scale(cfg, s, len(p.groups), cfg_schedule))
+                with wide_threads(logits.numel() >= WIDE_DRAW):  # the draw's passes over the logits
+                    new = sample_logits(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        generator=generator) + lo  # [B, n]
             made += n
             feed = new
             if made == p.insert_after:
