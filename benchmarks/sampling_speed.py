@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import statistics
 import sys
@@ -53,7 +54,10 @@ LOADS: list[float] = []  # 1-minute load average after each timed generation
 FILTERS = {"greedy": dict(greedy=True), "top-k 16000, top-p 0.9": dict(top_k=16000, top_p=0.9)}
 REFERENCE = "top-k 16000, top-p 0.9, sort-based reference draw"
 TORCH_OPS = "top-k 16000, top-p 0.9, torch-op passes"  # the sort-free draw without the compiled passes
-MKL_ONE_ROW = "mkl1"  # the fast path with MKL's packed sgemm for one-row linears (the rule before oneDNN)
+NO_SCREEN = "noscreen"  # the fast path with the greedy head over fp32 logits (no screen)
+BEFORE = "before"  # ... and oneDNN's one-row linears instead of the compiled GEMV (the rule of session 13)
+ABLATIONS = {NO_SCREEN: "fast, head not screened (fp32 logits)",
+             BEFORE: "fast, head not screened, oneDNN one-row linears (no compiled GEMV)"}
 SAMPLED = "top-k 16000, top-p 0.9"
 
 
@@ -75,14 +79,17 @@ def spread(xs: list[float]) -> dict:
 
 
 @contextlib.contextmanager
-def mkl_one_row():
-    """Run one-row linears through MKL's packed sgemm instead of oneDNN (``pack_kind``'s earlier rule)."""
-    rule = M.pack_kind
-    M.pack_kind = lambda rows: "mkl" if rows == 1 else rule(rows)
+def ablation(kind):
+    """Greedy heads over fp32 logits (no screen: ``SCREEN_ROWS`` 0) and, for :data:`BEFORE`, one-row linears through
+    oneDNN (no compiled GEMV: ``GEMV_ROWS`` 0)."""
+    old = M.SCREEN_ROWS, M.GEMV_ROWS
+    M.SCREEN_ROWS = 0
+    if kind == BEFORE:
+        M.GEMV_ROWS = 0
     try:
         yield
     finally:
-        M.pack_kind = rule
+        M.SCREEN_ROWS, M.GEMV_ROWS = old
 
 
 @contextlib.contextmanager
@@ -102,7 +109,7 @@ def frame_task(grid, block, vocab, context_frames) -> TaskLayout:
 
 def settings(a) -> list[tuple[str, tuple, str, bool | str]]:
     """(mode, block, filter, linears) of every generation row; linears: True fast, False plain, or
-    :data:`MKL_ONE_ROW` (fast, with the earlier one-row rule)."""
+    a key of :data:`ABLATIONS` (fast, without the screen or the compiled GEMV)."""
     out = []
     for mode, block in (("NBP", (1, 1, a.block)), ("NTP", (1, 1, 1))):
         out += [(mode, block, f, True) for f in FILTERS]
@@ -112,19 +119,18 @@ def settings(a) -> list[tuple[str, tuple, str, bool | str]]:
             out.append((mode, block, TORCH_OPS, True))
         if a.plain:
             out += [(mode, block, f, False) for f in (FILTERS if mode == "NBP" else ["greedy"])]
-        if mode == "NTP" and a.mkl_one_row and M._HAVE_DNNL and hasattr(torch.ops.mkl, "_mkl_linear"):
-            out.append((mode, block, "greedy", MKL_ONE_ROW))
+        if mode == "NTP" and a.ablations and kernels.compiled():
+            out += [(mode, block, "greedy", k) for k in ABLATIONS]
     return out
 
 
 def variant(fname: str, fast) -> contextlib.AbstractContextManager:
-    """The context a generation row runs in: the reference draw, the torch-op passes, MKL for one-row linears, or
-    nothing."""
+    """The context a generation row runs in: the reference draw, the torch-op passes, an ablation, or nothing."""
     if fname == REFERENCE:
         return reference_draw()
     if fname == TORCH_OPS:
         return kernels.torch_ops()
-    return mkl_one_row() if fast == MKL_ONE_ROW else contextlib.nullcontext()
+    return ablation(fast) if fast in ABLATIONS else contextlib.nullcontext()
 
 
 def bench_generation(model, a, device) -> list[dict]:
@@ -246,9 +252,11 @@ def hardware(a, device) -> dict:
             "flops_range": (min(fl), max(fl)), "bw_mb": n * 4 >> 20, "m": m}
 
 
-def step_cost(model: GPT, n: int, prefix: int, vocab: int, last: int | None = None) -> tuple[float, float]:
+def step_cost(model: GPT, n: int, prefix: int, vocab: int, last: int | None = None,
+              head_bytes: int = 4) -> tuple[float, float]:
     """(bytes read, FLOPs) of one forward of n new tokens after ``prefix`` cached ones, head over ``vocab`` ids
-    for the ``last`` positions (default n): every block and head weight once, the cache of every layer once."""
+    for the ``last`` positions (default n): every block and head weight once (the head at ``head_bytes`` a weight:
+    1 for the screened greedy head's int8 copy), the cache of every layer once."""
     c = model.config
     C, L = c.n_embd, c.n_layer
     block = sum(m.weight.numel() + m.bias.numel() for b in model.blocks
@@ -256,18 +264,18 @@ def step_cost(model: GPT, n: int, prefix: int, vocab: int, last: int | None = No
     head = vocab * C
     kv = 2 * L * (prefix + n) * C
     flops = 2 * n * block + 2 * (last or n) * head + 4 * L * n * (prefix + n) * C  # matmuls + attention (QK^T, AV)
-    return 4.0 * (block + head + kv), float(flops)
+    return 4.0 * (block + kv) + head_bytes * head, float(flops)
 
 
-def generation_limit(model: GPT, task, hw: dict) -> float:
+def generation_limit(model: GPT, task, hw: dict, head_bytes: int = 4) -> float:
     """Seconds one generation needs at the measured limits: the prefill at the sgemm rate, every decode step at
-    max(bytes / bandwidth, FLOPs / sgemm rate)."""
+    max(bytes / bandwidth, FLOPs / sgemm rate) (``head_bytes``: see :func:`step_cost`)."""
     p = S.plan(task, task.context_len, task.num_tokens - task.context_len)
     P = task.context_len
     _, f0 = step_cost(model, P, 0, task.video_vocab, last=p.groups[0])
     total, pos = f0 / hw["flops"], P
     for g in p.groups[:-1]:  # the step after group s feeds it (the last group is not fed)
-        by, fl = step_cost(model, g, pos, task.video_vocab)
+        by, fl = step_cost(model, g, pos, task.video_vocab, head_bytes=head_bytes)
         total += max(by / hw["bw"], fl / hw["flops"])
         pos += g
     return total
@@ -298,6 +306,13 @@ def profile_runs(model, a, device, rows: int = 12) -> tuple[str, list[tuple[str,
     return "\n".join(out), summary
 
 
+def screened(r: dict, a) -> bool:
+    """Did this generation row's greedy head go through the screen (fast CPU path, few rows a step)?"""
+    rows = a.batch * math.prod(r["task"].layout.block)
+    return (r["fast"] is True and r["filter"] == "greedy" and rows <= M.SCREEN_ROWS and kernels.compiled()
+            and a.device == "cpu")
+
+
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
@@ -317,10 +332,13 @@ def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> s
              f"it, batch {a.batch}; grid "
              f"{'x'.join(map(str, a.grid))}, {a.context_frames} latent context frames. Seconds: median (min-max) of "
              f"{gen_rows[0]['n']} interleaved repeats after one warm-up. Command: `{cmd}`.", "",
-             "Linears: *fast* is `generate`'s default on CPU (packed fp32 weights: oneDNN's reordered weight for "
-             "every row count; the head over the sampled ids only; a decode step's small ops on one thread, the wide "
-             "linears on all; the filter and draw on all, over the logits); *plain* is `generate(..., fast=False)` "
-             "(`F.linear`, every op on all threads). *Sampled* draws with the sort-free CPU filter (bracketed top k, "
+             "Linears: *fast* is `generate`'s default on CPU (fp32 weights: the compiled GEMV for one or two rows, "
+             "oneDNN's reordered weight for more; the head over the sampled ids only, and for greedy steps of at most "
+             f"{M.SCREEN_ROWS} rows the screened head (an int8 copy read in full, a few fp32 rows scored again: the "
+             "argmax of the float64 logits; its limit counts the head at 1 byte a weight); a decode step's small ops "
+             "on one thread, the wide linears and attention over a long cache on all; the filter and draw on all, "
+             "over the logits); *plain* is `generate(..., fast=False)` (`F.linear`, every op on all threads). "
+             "*Sampled* draws with the sort-free CPU filter (bracketed top k, "
              "rejection draw) with its passes over the logits compiled (`nbp.generator.kernels`"
              + ("" if kernels.enabled() else ": not built here, so torch ops") + "); *torch-op passes* is the same "
              "draw with torch ops for those passes; the *reference draw* sorts the top k and draws with "
@@ -328,10 +346,10 @@ def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> s
              "| mode | block | linears | filter | forward passes | seconds | tokens/s | limit s | of the limit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in gen_rows:
-        lim = generation_limit(r["model"], r["task"], hw) if hw else None
+        lim = generation_limit(r["model"], r["task"], hw, 1 if screened(r, a) else 4) if hw else None
         lim_s = f"{lim:.2f} | {lim / r['median']:.0%}" if lim else "- | -"
         same = "" if r["same"] is None else (" (same ids as fast)" if r["same"] else " (ids DIFFER from fast)")
-        label = {True: "fast", False: "plain", MKL_ONE_ROW: "fast, MKL packed one-row linears"}[r["fast"]]
+        label = {True: "fast", False: "plain", **ABLATIONS}[r["fast"]]
         lines.append(f"| {r['mode']} | {r['block']} | {label + same} | {r['filter']} | "
                      f"{r['steps']} | {fmt(r)} | {r['tokens_per_s']:,.0f} | {lim_s} |")
     by = {(r["mode"], r["filter"], r["fast"]): r["median"] for r in gen_rows}
@@ -346,10 +364,16 @@ def markdown(gen_rows, step_rows, a, device, cmd, load, hw=None, prof=None) -> s
              if (m, f, False) in by]
     if plain:
         notes.append("Fast over plain: " + "; ".join(plain) + ".")
-    if ("NTP", "greedy", MKL_ONE_ROW) in by:
-        gain = by[("NTP", "greedy", MKL_ONE_ROW)] / by[("NTP", "greedy", True)]
-        notes.append(f"One-row linears (every NTP step): NTP greedy with oneDNN's reordered weight is {gain:.2f}x as "
-                     "fast as with MKL's packed sgemm (interleaved in the same run).")
+    if all(("NTP", "greedy", k) in by for k in ABLATIONS):
+        fast = by[("NTP", "greedy", True)]
+        notes.append(f"NTP greedy (interleaved in the same run): the screened head makes it "
+                     f"{by[('NTP', 'greedy', NO_SCREEN)] / fast:.2f}x as fast as over fp32 logits, and with the "
+                     f"compiled one-row GEMV {by[('NTP', 'greedy', BEFORE)] / fast:.2f}x as fast as with oneDNN's "
+                     f"(session 13's path).")
+    screen = r0["model"].head.__dict__.get("screen") if (r0 := gen_rows[0]).get("model") is not None else None
+    if screen is not None and screen.rows:
+        notes.append(f"The screened head (NTP greedy, fast) scored {screen.rescored / screen.rows:.1f} candidate ids "
+                     f"again per row on average (of {a.vocab:,}).")
     n_step = step_rows[0]["n"]
     lines += ["", *notes, "",
               f"One decode step, ms: median (min-max) of {n_step} interleaved runs (the full forward: every fifth). The "
@@ -413,8 +437,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference-draw rows")
     p.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain-path generation rows")
-    p.add_argument("--no-mkl-one-row", dest="mkl_one_row", action="store_false",
-                   help="skip the NTP greedy row with MKL's packed sgemm for one-row linears")
+    p.add_argument("--no-ablations", dest="ablations", action="store_false",
+                   help="skip the NTP greedy rows without the screened head and without the compiled one-row GEMV")
     p.add_argument("--profile-ntp", type=int, default=64, help="new tokens of the profiled NTP run")
     p.add_argument("--profile", action="store_true", help="print torch.profiler summaries of one NBP sampled run")
     p.add_argument("--tiny", action="store_true", help="smoke size: 1 layer, width 64, grid 3x4x4, 20,000 codes")

@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from nbp.generator import model as M
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -38,16 +35,16 @@ def test_sampling_speed_tiny(tmp_path):
     body = _section(md, "sampling_speed_cpu")
     # NBP: 5 generation rows (fast greedy, sampled, reference draw; plain greedy, sampled), one more (sampled with
     # the torch-op passes) where the compiled passes are built, + 2 step rows (fast, plain); NTP: 3 (fast greedy,
-    # sampled; plain greedy) + 2, and greedy with MKL for one-row linears where this build has both kernels
+    # sampled; plain greedy) + 2, and greedy without the screened head, and also without the compiled GEMV, where
+    # the kernels are built
     from nbp.generator import kernels
 
-    both = M._HAVE_DNNL and hasattr(torch.ops.mkl, "_mkl_linear")
     compiled = kernels.enabled()
-    assert body.count("| NBP |") == 7 + compiled and body.count("| NTP |") == 5 + both
+    assert body.count("| NBP |") == 7 + compiled and body.count("| NTP |") == 5 + 2 * compiled
     assert ("torch-op passes |" in body) == compiled and ("NBP with the torch-op passes" in body) == compiled
     assert "sort-based reference draw" in body and "bare forward" in body and "Hardware limits" in body
-    assert body.count("(same ids as fast)") == 2 + both  # greedy: plain NBP, plain NTP (and MKL one-row) agree
-    assert ("One-row linears (every NTP step)" in body) == both
+    assert body.count("(same ids as fast)") == 2 + 2 * compiled  # greedy: plain NBP, plain NTP (and ablations) agree
+    assert ("the screened head makes it" in body) == compiled and ("candidate ids again per row" in body) == compiled
 
 
 def test_filter_cost_tiny(tmp_path):
