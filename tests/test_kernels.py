@@ -298,30 +298,41 @@ def test_gemv_and_screen_refuse_what_they_cannot_take():
         kernels.screen(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(2, 8, dtype=torch.int32))
 
 
-@pytest.mark.slow
-def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path):
-    """setup.py asks for OpenMP first and builds without it where the compiler refuses -fopenmp: the extension is
-    there, unthreaded, and gives the same GEMV bits."""
-    import zipfile
+def _wheel(tmp_path, env: dict):
+    """Build a wheel of this package's sources (copied to tmp_path, no build isolation) with ``env`` added -> its
+    path."""
+    import importlib.util
     from pathlib import Path
 
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler")
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("needs setuptools in this environment (the build runs without isolation)")
     root = Path(SRC).parents[2]
     src = tmp_path / "src"
     shutil.copytree(root / "nbp", src / "nbp", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     for f in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(root / f, src / f)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env={**os.environ, **env},
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("nbp-*.whl")
+    return wheel
+
+
+@pytest.mark.slow
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path):
+    """setup.py asks for OpenMP first and builds without it where the compiler refuses -fopenmp: the extension is
+    there, unthreaded, and gives the same GEMV bits."""
+    import zipfile
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
     wrapper = tmp_path / "cc-no-openmp"
     wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP" >&2; exit 1; }}; done\n'
                        f'exec {cc} "$@"\n')
     wrapper.chmod(0o755)
-    env = {**os.environ, "CC": str(wrapper), "LDSHARED": f"{wrapper} -shared"}
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("nbp-*.whl")
+    wheel = _wheel(tmp_path, {"CC": str(wrapper), "LDSHARED": f"{wrapper} -shared"})
     (so,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
     lib_path = tmp_path / "k.so"
     lib_path.write_bytes(zipfile.ZipFile(wheel).read(so))
@@ -339,22 +350,9 @@ def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path):
 def test_an_install_without_a_compiler_still_builds_and_leaves_the_torch_ops(tmp_path):
     """setup.py marks the extension optional: with a compiler that fails, the wheel still builds, with the package's
     Python files and without the extension (the draw then takes the torch ops)."""
-    import importlib.util
     import zipfile
-    from pathlib import Path
 
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.skip("needs setuptools in this environment (the build runs without isolation)")
-    root = Path(SRC).parents[2]
-    src = tmp_path / "src"
-    shutil.copytree(root / "nbp", src / "nbp", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    for f in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(root / f, src / f)
-    env = {**os.environ, "CC": "false", "LDSHARED": "false"}
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("nbp-*.whl")
+    wheel = _wheel(tmp_path, {"CC": "false", "LDSHARED": "false"})
     names = zipfile.ZipFile(wheel).namelist()
     assert "nbp/generator/kernels.py" in names and "nbp/generator/sampling.py" in names
     assert not [n for n in names if n.endswith((".so", ".pyd"))], names
